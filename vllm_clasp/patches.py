@@ -1,0 +1,309 @@
+"""Every change vllm-clasp makes to vLLM internals, one small named class each.
+
+Written against vLLM 0.32.0 (``SUPPORTED_VLLM``); ``plugin.register`` refuses other versions
+before applying any of them. Each patch wraps one attribute, keeps the original, is idempotent
+(applying twice is a no-op) and can be undone (tests use ``revert``).
+
+CLaSp rides on vLLM's ``custom_class`` speculative method:
+
+* RewriteClaspSpeculativeConfig (process 0): ``{"method": "clasp", ...}`` -> validated
+  ClaspConfig + a ``custom_class`` config naming ClaspProposer.
+* ClaspLookaheadSlots: reserve K KV slots past the verified tokens, for the draft's K/V writes.
+* ClaspGraphHash: compiled-graph cache key differs from plain runs (the graph returns every
+  layer's hidden state).
+* CaptureAllLayerHiddenStates: the verification forward returns x_0..x_L (vLLM's EAGLE-3 aux
+  hidden-state outputs, asked for every layer).
+* RouteClaspProposals: the runner calls ClaspProposer.propose_from_runner with the runner, the
+  verification metadata and those hidden states.
+* ReserveScratchKVBlocks: the scheduler is given a few KV blocks fewer than the workers allocate;
+  the planner uses the rest as scratch.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Callable
+
+from vllm_clasp.config import (
+    METHOD,
+    PARAMS_ATTR,
+    PROPOSER_PATH,
+    ClaspConfig,
+    check_target,
+    parse_clasp_config,
+)
+
+SUPPORTED_VLLM = ("0.32.0",)
+
+
+def is_clasp(spec_config: Any) -> bool:
+    return (
+        spec_config is not None
+        and getattr(spec_config, "method", None) == "custom_class"
+        and getattr(spec_config, "model", None) == PROPOSER_PATH
+    )
+
+
+def clasp_config_of(spec_config: Any) -> ClaspConfig:
+    return ClaspConfig.from_params(getattr(spec_config, PARAMS_ATTR))
+
+
+class VllmPatch:
+    """Replace ``owner.attr`` with ``build(original)``; remember the original."""
+
+    owner: Any = None
+    attr: str = ""
+
+    @classmethod
+    def target(cls) -> tuple[Any, str]:
+        raise NotImplementedError
+
+    @classmethod
+    def build(cls, original: Any) -> Any:
+        raise NotImplementedError
+
+    @classmethod
+    def apply(cls) -> None:
+        if cls.applied():
+            return
+        owner, attr = cls.target()
+        current = owner.__dict__.get(attr, getattr(owner, attr))
+        new = cls.build(current)
+        marker = new.fget if isinstance(new, property) else new
+        marker.__clasp_patch__ = cls.__name__
+        marker.__clasp_original__ = current
+        setattr(owner, attr, new)
+
+    @classmethod
+    def applied(cls) -> bool:
+        owner, attr = cls.target()
+        cur = owner.__dict__.get(attr, getattr(owner, attr))
+        cur = cur.fget if isinstance(cur, property) else cur
+        return getattr(cur, "__clasp_patch__", None) == cls.__name__
+
+    @classmethod
+    def revert(cls) -> None:
+        owner, attr = cls.target()
+        cur = owner.__dict__.get(attr, getattr(owner, attr))
+        marker = cur.fget if isinstance(cur, property) else cur
+        if getattr(marker, "__clasp_patch__", None) == cls.__name__:
+            setattr(owner, attr, marker.__clasp_original__)
+
+
+class RewriteClaspSpeculativeConfig(VllmPatch):
+    """Turn {"method": "clasp", ...} into a validated custom_class config before vLLM sees it."""
+
+    @classmethod
+    def target(cls):
+        from vllm.engine.arg_utils import EngineArgs
+
+        return EngineArgs, "create_speculative_config"
+
+    @classmethod
+    def build(cls, original: Callable) -> Callable:
+        @functools.wraps(original)
+        def create_speculative_config(self, *args: Any, **kwargs: Any):
+            sc = self.speculative_config
+            if not (isinstance(sc, dict) and str(sc.get("method")) == METHOD):
+                return original(self, *args, **kwargs)
+            model_config = kwargs.get("target_model_config", args[0] if args else None)
+            parallel_config = kwargs.get("target_parallel_config", args[1] if len(args) > 1 else None)
+            cfg, vllm_keys = parse_clasp_config(sc)
+            check_target(cfg, model_config, parallel_config)
+            vllm_keys.update(method="custom_class", model=PROPOSER_PATH)
+            self.speculative_config = vllm_keys
+            try:
+                spec = original(self, *args, **kwargs)
+            finally:
+                self.speculative_config = sc
+            setattr(spec, PARAMS_ATTR, cfg.to_params())
+            return spec
+
+        return create_speculative_config
+
+
+class ClaspLookaheadSlots(VllmPatch):
+    """Drafts write K/V up to K positions past the verified range: have the scheduler allocate them."""
+
+    @classmethod
+    def target(cls):
+        from vllm.config import VllmConfig
+
+        return VllmConfig, "num_lookahead_tokens"
+
+    @classmethod
+    def build(cls, original: property) -> property:
+        def num_lookahead_tokens(self) -> int:
+            spec = self.speculative_config
+            if is_clasp(spec):
+                return int(spec.num_speculative_tokens)
+            return original.fget(self)
+
+        return property(num_lookahead_tokens, doc=original.__doc__)
+
+
+class ClaspGraphHash(VllmPatch):
+    """The compiled graph returns all layers' hidden states: key the compile cache on that."""
+
+    @classmethod
+    def target(cls):
+        from vllm.config.speculative import SpeculativeConfig
+
+        return SpeculativeConfig, "compute_hash"
+
+    @classmethod
+    def build(cls, original: Callable) -> Callable:
+        @functools.wraps(original)
+        def compute_hash(self) -> str:
+            h = original(self)
+            if is_clasp(self):
+                import hashlib
+
+                h = hashlib.sha256(f"{h}|clasp-aux-all-layers".encode()).hexdigest()
+            return h
+
+        return compute_hash
+
+
+def _runner_is_clasp(runner: Any) -> bool:
+    from vllm_clasp.proposer import ClaspProposer
+
+    return isinstance(getattr(runner, "drafter", None), ClaspProposer)
+
+
+class CaptureAllLayerHiddenStates(VllmPatch):
+    """Ask the model for x_0..x_L (vLLM's EAGLE-3 aux outputs) from every target forward."""
+
+    @classmethod
+    def target(cls):
+        from vllm.v1.worker.gpu_model_runner import GPUModelRunner
+
+        return GPUModelRunner, "_setup_eagle3_aux_hidden_state_outputs"
+
+    @classmethod
+    def build(cls, original: Callable) -> Callable:
+        @functools.wraps(original)
+        def setup(self) -> None:
+            if not _runner_is_clasp(self):
+                return original(self)
+            from vllm.model_executor.models.interfaces import supports_eagle3
+
+            model = self.get_model()
+            if not supports_eagle3(model):
+                raise RuntimeError(
+                    f"clasp needs per-layer hidden states, which {type(model).__name__} cannot "
+                    "return (it does not implement vLLM's SupportsEagle3 interface)"
+                )
+            num_layers = len(model.model.layers)
+            model.set_aux_hidden_state_layers(tuple(range(num_layers + 1)))
+            self.use_aux_hidden_state_outputs = True
+
+        return setup
+
+
+class RouteClaspProposals(VllmPatch):
+    """Give the clasp drafter the runner, verification metadata and captured hidden states."""
+
+    @classmethod
+    def target(cls):
+        from vllm.v1.worker.gpu_model_runner import GPUModelRunner
+
+        return GPUModelRunner, "propose_draft_token_ids"
+
+    @classmethod
+    def build(cls, original: Callable) -> Callable:
+        @functools.wraps(original)
+        def propose_draft_token_ids(
+            self,
+            scheduler_output,
+            sampled_token_ids,
+            sampling_metadata,
+            hidden_states,
+            sample_hidden_states,
+            aux_hidden_states,
+            spec_decode_metadata,
+            common_attn_metadata,
+            slot_mappings,
+        ):
+            if not _runner_is_clasp(self):
+                return original(
+                    self,
+                    scheduler_output,
+                    sampled_token_ids,
+                    sampling_metadata,
+                    hidden_states,
+                    sample_hidden_states,
+                    aux_hidden_states,
+                    spec_decode_metadata,
+                    common_attn_metadata,
+                    slot_mappings,
+                )
+            self._draft_probs = None
+            self._draft_prob_req_ids = None
+            return self.drafter.propose_from_runner(
+                self,
+                scheduler_output,
+                sampled_token_ids,
+                aux_hidden_states,
+                spec_decode_metadata,
+                common_attn_metadata,
+            )
+
+        return propose_draft_token_ids
+
+
+class ReserveScratchKVBlocks(VllmPatch):
+    """Keep the last few KV blocks away from the scheduler: the planner's scratch space.
+
+    The workers allocate ``num_blocks`` blocks; the scheduler's pool is told ``num_blocks - R``,
+    so block ids ``[num_blocks - R, num_blocks)`` are never given to a request.
+    """
+
+    @classmethod
+    def target(cls):
+        from vllm.v1.engine.core import EngineCore
+
+        return EngineCore, "_initialize_kv_caches"
+
+    @classmethod
+    def build(cls, original: Callable) -> Callable:
+        @functools.wraps(original)
+        def _initialize_kv_caches(self, vllm_config):
+            cfg = original(self, vllm_config)
+            spec = vllm_config.speculative_config
+            if is_clasp(spec):
+                num_layers = vllm_config.model_config.hf_text_config.num_hidden_layers
+                reserve = clasp_config_of(spec).num_scratch_blocks(num_layers)
+                if cfg.num_blocks - reserve < 2:
+                    raise ValueError(
+                        f"KV cache too small for clasp: {cfg.num_blocks} blocks, {reserve} needed as "
+                        "planner scratch; raise the KV cache size (VLLM_CPU_KVCACHE_SPACE / "
+                        "gpu_memory_utilization) or lower skip_layers / max_plans_per_step"
+                    )
+                cfg.num_blocks -= reserve
+                vllm_config.cache_config.num_gpu_blocks = cfg.num_blocks
+                from vllm.logger import init_logger
+
+                init_logger("vllm.vllm_clasp").info(
+                    "clasp: %d KV blocks reserved as planner scratch (%d left for requests)",
+                    reserve,
+                    cfg.num_blocks,
+                )
+            return cfg
+
+        return _initialize_kv_caches
+
+
+ALL_PATCHES: tuple[type[VllmPatch], ...] = (
+    RewriteClaspSpeculativeConfig,
+    ClaspLookaheadSlots,
+    ClaspGraphHash,
+    CaptureAllLayerHiddenStates,
+    RouteClaspProposals,
+    ReserveScratchKVBlocks,
+)
+
+
+def apply_all() -> None:
+    for p in ALL_PATCHES:
+        p.apply()

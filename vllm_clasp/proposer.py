@@ -1,0 +1,243 @@
+"""ClaspProposer: ties the planner and the skip-layer drafter to vLLM's model runner.
+
+vLLM builds it as a ``custom_class`` proposer. The plugin's runner patch calls
+``propose_from_runner`` instead of the custom-class ``propose`` so that it gets what a layer-skip
+drafter needs and the custom-class API does not pass: the runner (model, KV cache, metadata
+builders), the verification step's attention metadata and the per-layer hidden states captured
+during verification.
+
+Per round and sequence: find the last accepted token of the verification just run; if the
+sequence is due a plan (after prefill, then every ``replan_interval`` rounds), run the DP on that
+token's captured states; then draft up to K tokens with the planned layers skipped, stopping at
+the first draft whose top-1 probability is below ``draft_exit_threshold``. vLLM's rejection
+sampler verifies the drafts in the next step.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from vllm.config import VllmConfig
+from vllm.logger import init_logger
+
+from vllm_clasp.config import PARAMS_ATTR, ClaspConfig
+from vllm_clasp.drafting import KVGroup, LayerStack, ScratchLayerRunner, draft_step, kv_group_from_runner
+from vllm_clasp.planner import plan_skip_layers, skip_mask
+
+logger = init_logger(f"vllm.{__name__}")
+
+
+@dataclass
+class _SeqState:
+    keep: torch.Tensor | None = None  # [L] bool, layers the draft runs
+    rounds_since_plan: int = 0
+
+
+@dataclass
+class ClaspStats:
+    """Counters since start; read by the metrics exporter and the benchmark."""
+
+    rounds: int = 0
+    plans: int = 0
+    plan_s: float = 0.0
+    draft_s: float = 0.0
+    draft_steps: int = 0
+    draft_tokens: int = 0
+    draft_rows: int = 0  # sum over draft steps of rows drafted
+    layers_run: int = 0  # sum over draft steps and rows of layers run
+    exits: int = 0  # rounds ended by the draft-exit threshold
+    skipped_hist: dict[int, int] = field(default_factory=dict)
+
+
+class ClaspProposer:
+    def __init__(self, vllm_config: VllmConfig):
+        spec = vllm_config.speculative_config
+        params = getattr(spec, PARAMS_ATTR, None)
+        if params is None:
+            raise RuntimeError(
+                "ClaspProposer was built without clasp parameters: use "
+                "speculative_config={'method': 'clasp', ...} with the vllm-clasp plugin loaded, "
+                "not method='custom_class' directly."
+            )
+        self.vllm_config = vllm_config
+        self.cfg = ClaspConfig.from_params(params)
+        self.k = int(spec.num_speculative_tokens)
+        self.max_model_len = int(vllm_config.model_config.max_model_len)
+        self.stack: LayerStack | None = None
+        self.kv: KVGroup | None = None
+        self.num_skip = 0
+        self.seqs: dict[str, _SeqState] = {}
+        self.fallback_keep: torch.Tensor | None = None
+        self.stats = ClaspStats()
+
+    # vLLM's custom-class hooks ------------------------------------------------------------
+    def load_model(self, target_model: Any) -> None:
+        self._bind_model(target_model)
+
+    def propose(self, *args: Any, **kwargs: Any) -> list[list[int]]:
+        raise RuntimeError(
+            "ClaspProposer.propose was called through vLLM's custom_class path: the vllm-clasp "
+            "runner patch is not active in this worker (is the plugin installed and loaded?)"
+        )
+
+    # -------------------------------------------------------------------------------------
+    def _bind_model(self, model: Any) -> None:
+        if self.stack is None or self.stack.model is not model:
+            self.stack = LayerStack(model)
+            self.num_skip = self.cfg.num_skip(self.stack.num_layers)
+            self.kv = None
+
+    def _bind_runner(self, runner: Any) -> None:
+        self._bind_model(runner.get_model())
+        if self.kv is None:
+            assert self.stack is not None
+            self.kv = kv_group_from_runner(runner, self.stack, self.cfg.num_scratch_blocks(self.stack.num_layers))
+
+    @torch.inference_mode()
+    def propose_from_runner(
+        self,
+        runner: Any,
+        scheduler_output: Any,
+        sampled_token_ids: list[list[int]],
+        aux_hidden_states: list[torch.Tensor] | None,
+        spec_decode_metadata: Any,
+        common_attn_metadata: Any,
+    ) -> list[list[int]]:
+        self._bind_runner(runner)
+        stack, kv = self.stack, self.kv
+        assert stack is not None and kv is not None
+        for rid in scheduler_output.finished_req_ids:
+            self.seqs.pop(rid, None)
+        batch = runner.input_batch
+        req_ids: list[str] = list(batch.req_ids)
+        n = len(req_ids)
+        drafts: list[list[int]] = [[] for _ in range(n)]
+        if aux_hidden_states is None or len(aux_hidden_states) != stack.num_layers + 1:
+            raise RuntimeError("clasp: per-layer hidden states were not captured in verification")
+
+        num_tokens = np.asarray(batch.num_tokens_no_spec[:n], dtype=np.int64)
+        qsl = common_attn_metadata.query_start_loc_cpu[: n + 1].numpy().astype(np.int64)
+        spec_tokens = scheduler_output.scheduled_spec_decode_tokens
+        block_table = common_attn_metadata.block_table_tensor[:n]
+
+        active: list[int] = []
+        last_idx: dict[int, int] = {}
+        due: list[tuple[int, int]] = []
+        for i, rid in enumerate(req_ids):
+            if i >= len(sampled_token_ids) or not sampled_token_ids[i]:
+                continue  # partial prefill or discarded: nothing to draft from
+            num_draft = len(spec_tokens.get(rid, ()))
+            n_sched = int(qsl[i + 1] - qsl[i])
+            last_idx[i] = int(qsl[i]) + (n_sched - 1 - num_draft) + (len(sampled_token_ids[i]) - 1)
+            st = self.seqs.setdefault(rid, _SeqState())
+            st.rounds_since_plan += 1
+            if st.keep is None:
+                due.append((0, i))
+            elif st.rounds_since_plan > self.cfg.replan_interval:
+                due.append((1, i))
+            active.append(i)
+        self.stats.rounds += len(active)
+        if not active:
+            return drafts
+
+        # Plan: never-planned sequences first, then the most overdue.
+        due.sort(key=lambda t: (t[0], -self.seqs[req_ids[t[1]]].rounds_since_plan))
+        if self.num_skip > 0:
+            for _, i in due[: self.cfg.max_plans_per_step]:
+                self._plan(req_ids[i], aux_hidden_states, last_idx[i], int(num_tokens[i]) - 2, block_table[i])
+
+        t0 = time.perf_counter()
+        rows = []
+        keeps = []
+        for i in active:
+            keep = self.seqs[req_ids[i]].keep
+            if keep is None:
+                keep = self.fallback_keep
+            if keep is None and self.num_skip > 0:
+                continue
+            rows.append(i)
+            keeps.append(keep if keep is not None else torch.ones(stack.num_layers, dtype=torch.bool))
+        if rows:
+            self._draft(rows, keeps, batch, num_tokens, block_table, drafts)
+        self.stats.draft_s += time.perf_counter() - t0
+        return drafts
+
+    def _plan(self, rid: str, aux: list[torch.Tensor], tok_idx: int, pos: int, block_row: torch.Tensor) -> None:
+        stack, kv = self.stack, self.kv
+        assert stack is not None and kv is not None
+        t0 = time.perf_counter()
+        targets = torch.stack([h[tok_idx] for h in aux], dim=0)
+        runner = ScratchLayerRunner(stack, kv, self.vllm_config, pos, block_row)
+        skipped = plan_skip_layers(targets, self.num_skip, runner)
+        if self.cfg.self_check:
+            self._self_check(runner, targets)
+        keep = ~skip_mask(skipped, stack.num_layers)
+        st = self.seqs[rid]
+        st.keep = keep
+        st.rounds_since_plan = 0
+        self.fallback_keep = keep
+        self.stats.plans += 1
+        self.stats.plan_s += time.perf_counter() - t0
+        self.stats.skipped_hist[len(skipped)] = self.stats.skipped_hist.get(len(skipped), 0) + 1
+        logger.debug("clasp plan for %s at position %d: skip layers %s", rid, pos, skipped)
+
+    def _self_check(self, runner: ScratchLayerRunner, targets: torch.Tensor) -> None:
+        """Running layer i on x_i in scratch must give x_{i+1}: the scratch K/V path is exact."""
+        for i in range(targets.shape[0] - 1):
+            out = runner(i, targets[i : i + 1], [0])
+            err = (out[0].float() - targets[i + 1].float()).abs().max().item()
+            scale = targets[i + 1].float().abs().max().item() + 1e-6
+            if err > 1e-3 * scale + 1e-4:
+                raise RuntimeError(
+                    f"clasp self-check failed at layer {i}: scratch-KV layer output differs from the "
+                    f"captured verification state by {err:.3e} (scale {scale:.3e})"
+                )
+
+    def _draft(
+        self,
+        rows: list[int],
+        keeps: list[torch.Tensor],
+        batch: Any,
+        num_tokens: np.ndarray,
+        block_table: torch.Tensor,
+        drafts: list[list[int]],
+    ) -> None:
+        stack, kv = self.stack, self.kv
+        assert stack is not None and kv is not None
+        det = self.cfg.draft_exit_threshold
+        rows_t = torch.as_tensor(rows, dtype=torch.long)
+        keep = torch.stack(keeps, dim=0)
+        n_tok = torch.as_tensor(num_tokens[rows], dtype=torch.long)
+        budget = torch.clamp(torch.as_tensor(self.max_model_len, dtype=torch.long) - n_tok, max=self.k)
+        tokens = torch.as_tensor(batch.token_ids_cpu[rows, (n_tok - 1).numpy()], dtype=torch.long)
+        positions = n_tok - 1
+        alive = budget > 0
+        bt = block_table[rows_t]
+        for step in range(self.k):
+            idx = alive.nonzero().squeeze(1)
+            if idx.numel() == 0:
+                break
+            logits = draft_step(
+                stack, kv, self.vllm_config, tokens[idx], positions[idx], bt[idx], keep[idx]
+            )
+            probs = torch.softmax(logits.float(), dim=-1)
+            p_top, tok = probs.max(dim=-1)
+            self.stats.draft_steps += 1
+            self.stats.draft_rows += int(idx.numel())
+            self.stats.layers_run += int(keep[idx].sum())
+            ok = p_top >= det
+            for a, b, good in zip(idx.tolist(), tok.tolist(), ok.tolist()):
+                if good:
+                    drafts[rows[a]].append(b)
+                else:
+                    self.stats.exits += 1
+            self.stats.draft_tokens += int(ok.sum())
+            tokens[idx] = tok
+            positions[idx] += 1
+            still = ok & (torch.as_tensor([len(drafts[rows[a]]) for a in idx.tolist()]) < budget[idx])
+            alive[idx] = still
