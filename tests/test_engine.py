@@ -43,7 +43,7 @@ def test_greedy_identical_default_model_bs_1_4_16(default_model, spec_bench_prom
     p = spec_bench_prompts
     passes = [("bs1", p[:13], 1, 64), ("bs4", p, 4, 96), ("bs16", p, 16, 96)]
     plain, _ = _run_all(default_model, None, passes)
-    clasp, m = _run_all(default_model, {"method": "clasp", "replan_interval": 4, "self_check": True}, passes)
+    clasp, m = _run_all(default_model, {"method": "clasp", "replan_interval": 4, "self_check": True, "adaptive": False}, passes)
     for name, *_ in passes:
         diff = [i for i, (a, b) in enumerate(zip(plain[name], clasp[name])) if a != b]
         assert not diff, f"{name}: outputs {diff} differ from plain vLLM"
@@ -61,7 +61,7 @@ def test_greedy_identical_tiny_model_many_plans_and_rejections(tiny_model, defau
     passes = [("bs1", prompts[:3], 1, 48), ("bs8", prompts, 8, 48)]
     plain, _ = _run_all(tiny_model, None, passes)
     spec = {"method": "clasp", "skip_layers": 2, "replan_interval": 1, "draft_exit_threshold": 0.0,
-            "num_speculative_tokens": 4, "max_plans_per_step": 8, "self_check": True}
+            "num_speculative_tokens": 4, "max_plans_per_step": 8, "self_check": True, "adaptive": False}
     clasp, m = _run_all(tiny_model, spec, passes)
     for name, *_ in passes:
         assert plain[name] == clasp[name], name

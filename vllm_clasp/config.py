@@ -52,6 +52,8 @@ class ClaspConfig:
     """At most this many sequences are re-planned in one engine step; others wait their turn."""
     min_draft_layers: int = 1
     """Never skip so many layers that fewer than this many remain."""
+    adaptive: bool = True
+    """Measure decoding speed with and without drafts online; draft only while it pays."""
     self_check: bool = False
     """Debug: after each plan, check the scratch-KV layer runner against the captured states."""
 
@@ -64,6 +66,7 @@ class ClaspConfig:
         "replan_interval": "int >= 1: verification rounds between two plans of a sequence",
         "max_plans_per_step": "int in [1, 64]: sequences planned in one engine step at most",
         "min_draft_layers": "int >= 1: decoder layers the draft always keeps",
+        "adaptive": "bool: turn drafting off while measured plain decoding is faster",
         "self_check": "bool: verify the planner's layer runner against captured states (debug)",
     }
 
@@ -153,11 +156,12 @@ def parse_clasp_config(raw: dict[str, Any]) -> tuple[ClaspConfig, dict[str, Any]
         if not _is_int(m) or m < 1:
             raise _err("min_draft_layers", docs["min_draft_layers"], m)
         kw["min_draft_layers"] = m
-    c = raw.get("self_check")
-    if c is not None:
-        if not isinstance(c, bool):
-            raise _err("self_check", docs["self_check"], c)
-        kw["self_check"] = c
+    for key in ("self_check", "adaptive"):
+        c = raw.get(key)
+        if c is not None:
+            if not isinstance(c, bool):
+                raise _err(key, docs[key], c)
+            kw[key] = c
 
     cfg = ClaspConfig(**kw)
     vllm_keys = {k: raw[k] for k in PASSTHROUGH_KEYS if k in raw}

@@ -26,6 +26,7 @@ from vllm.config import VllmConfig
 from vllm.logger import init_logger
 
 from vllm_clasp.config import PARAMS_ATTR, ClaspConfig
+from vllm_clasp.governor import Governor
 from vllm_clasp.drafting import KVGroup, LayerStack, ScratchLayerRunner, draft_step, kv_group_from_runner
 from vllm_clasp.planner import plan_skip_layers, skip_mask
 
@@ -74,6 +75,7 @@ class ClaspProposer:
         self.seqs: dict[str, _SeqState] = {}
         self.fallback_keep: torch.Tensor | None = None
         self.stats = ClaspStats()
+        self.governor = Governor(enabled=self.cfg.adaptive)
 
     # vLLM's custom-class hooks ------------------------------------------------------------
     def load_model(self, target_model: Any) -> None:
@@ -108,6 +110,7 @@ class ClaspProposer:
         spec_decode_metadata: Any,
         common_attn_metadata: Any,
     ) -> list[list[int]]:
+        now = time.perf_counter()
         self._bind_runner(runner)
         stack, kv = self.stack, self.kv
         assert stack is not None and kv is not None
@@ -128,11 +131,16 @@ class ClaspProposer:
         active: list[int] = []
         last_idx: dict[int, int] = {}
         due: list[tuple[int, int]] = []
+        committed, measurable = 0, True
         for i, rid in enumerate(req_ids):
             if i >= len(sampled_token_ids) or not sampled_token_ids[i]:
+                measurable = False  # a partial prefill shares this step
                 continue  # partial prefill or discarded: nothing to draft from
             num_draft = len(spec_tokens.get(rid, ()))
             n_sched = int(qsl[i + 1] - qsl[i])
+            committed += len(sampled_token_ids[i])
+            if n_sched - num_draft > 1:
+                measurable = False  # a prefill finished in this step
             last_idx[i] = int(qsl[i]) + (n_sched - 1 - num_draft) + (len(sampled_token_ids[i]) - 1)
             st = self.seqs.setdefault(rid, _SeqState())
             st.rounds_since_plan += 1
@@ -142,7 +150,12 @@ class ClaspProposer:
                 due.append((1, i))
             active.append(i)
         self.stats.rounds += len(active)
+        self.governor.observe(committed, measurable, now)
         if not active:
+            return drafts
+        speculate = self.governor.decide(len(active))
+        if not speculate:
+            self.governor.finish(False, len(active), time.perf_counter() - now)
             return drafts
 
         # Plan: never-planned sequences first, then the most overdue.
@@ -164,7 +177,9 @@ class ClaspProposer:
             keeps.append(keep if keep is not None else torch.ones(stack.num_layers, dtype=torch.bool))
         if rows:
             self._draft(rows, keeps, batch, num_tokens, block_table, drafts)
-        self.stats.draft_s += time.perf_counter() - t0
+        end = time.perf_counter()
+        self.stats.draft_s += end - t0
+        self.governor.finish(True, len(active), end - now, end)
         return drafts
 
     def _plan(self, rid: str, aux: list[torch.Tensor], tok_idx: int, pos: int, block_row: torch.Tensor) -> None:
