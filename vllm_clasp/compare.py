@@ -209,3 +209,45 @@ def shutdown(llm: Any) -> None:
         pass
     del llm
     gc.collect()
+
+
+def _draft_step_cost(worker: Any, skip_counts: Sequence[int], reps: int) -> dict[str, float]:
+    """Runs in the worker: ms per one-token draft step at each skip count (full head and draft head)."""
+    import torch
+
+    from vllm_clasp.drafting import draft_step
+
+    d = worker.model_runner.drafter
+    stack, kv = d.stack, d.kv
+    L = stack.num_layers
+    bt = (torch.arange(16, dtype=torch.int32) + 1).unsqueeze(0)
+    tok, pos = torch.tensor([100]), torch.tensor([300])
+    ctx = torch.arange(d.head.size, d.head.size + 300) if d.head.enabled else None
+    out: dict[str, float] = {"layers": float(L)}
+    with torch.inference_mode():
+        for m in skip_counts:
+            keep = torch.ones(1, L, dtype=torch.bool)
+            keep[0, torch.linspace(0, L - 1, m).round().long() if m else []] = False
+            for label, head in (("full_head", None), ("draft_head", d.head)):
+                for _ in range(3):
+                    draft_step(stack, kv, d.vllm_config, tok, pos, bt, keep, head, ctx)
+                t0 = time.perf_counter()
+                for _ in range(reps):
+                    draft_step(stack, kv, d.vllm_config, tok, pos, bt, keep, head, ctx)
+                out[f"M={m} {label}"] = 1000 * (time.perf_counter() - t0) / reps
+    return out
+
+
+def measure_draft_step_cost(model: str, skip_counts: Sequence[int], reps: int = 30) -> dict[str, float]:
+    """Draft-step cost by layers skipped, measured inside a clasp engine's worker (bs 1)."""
+    import functools
+
+    from vllm import LLM, SamplingParams
+
+    os.environ["VLLM_ALLOW_INSECURE_SERIALIZATION"] = "1"  # collective_rpc with a function
+    llm = LLM(speculative_config={"method": "clasp"}, **engine_kwargs(model))
+    try:
+        llm.generate(["Hello"], SamplingParams(max_tokens=4), use_tqdm=False)  # binds the drafter
+        return llm.collective_rpc(functools.partial(_draft_step_cost, skip_counts=list(skip_counts), reps=reps))[0]
+    finally:
+        shutdown(llm)
