@@ -61,8 +61,11 @@ def test_greedy_identical_tiny_model_many_plans_and_rejections(tiny_model, defau
     passes = [("bs1", prompts[:3], 1, 48), ("bs8", prompts, 8, 48)]
     plain, _ = _run_all(tiny_model, None, passes)
     spec = {"method": "clasp", "skip_layers": 2, "replan_interval": 1, "draft_exit_threshold": 0.0,
-            "num_speculative_tokens": 4, "max_plans_per_step": 8, "self_check": True, "adaptive": False}
+            "num_speculative_tokens": 4, "max_plans_per_step": 8, "self_check": True, "adaptive": False,
+            "lookup_max": 0}
     clasp, m = _run_all(tiny_model, spec, passes)
     for name, *_ in passes:
         assert plain[name] == clasp[name], name
-    assert m["draft_tokens"] >= 4 * m["drafts"] > 0, m
+    # Threshold 0 and no context drafts: every round drafts K = 4 with skipped layers (the
+    # scheduler trims drafts only at a request's last tokens).
+    assert m["draft_tokens"] >= 3.5 * m["drafts"] > 0, m
