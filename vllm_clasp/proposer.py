@@ -26,7 +26,7 @@ from vllm.config import VllmConfig
 from vllm.logger import init_logger
 
 from vllm_clasp.config import PARAMS_ATTR, ClaspConfig
-from vllm_clasp.governor import Governor
+from vllm_clasp.governor import LOOKUP, PLAIN, SKIP, Governor
 from vllm_clasp.lookup import lookup_draft
 from vllm_clasp.drafting import DraftHead, KVGroup, LayerStack, ScratchLayerRunner, draft_step, kv_group_from_runner
 from vllm_clasp.planner import plan_skip_layers, skip_mask
@@ -79,7 +79,8 @@ class ClaspProposer:
         self.seqs: dict[str, _SeqState] = {}
         self.fallback_keep: torch.Tensor | None = None
         self.stats = ClaspStats()
-        self.governor = Governor(enabled=self.cfg.adaptive)
+        arms = (SKIP, LOOKUP, PLAIN) if self.cfg.lookup_max > 0 else (SKIP, PLAIN)
+        self.governor = Governor(enabled=self.cfg.adaptive, arms=arms)
 
     # vLLM's custom-class hooks ------------------------------------------------------------
     def load_model(self, target_model: Any) -> None:
@@ -158,13 +159,13 @@ class ClaspProposer:
         self.governor.observe(committed, measurable, now)
         if not active:
             return drafts
-        # The governor decides on layer-skip drafting; context drafts cost nothing to make.
-        speculate = self.governor.decide(len(active))
+        # The governor picks the arm: layer-skip + context drafts, context drafts only, or none.
+        arm = self.governor.decide(len(active))
         t0 = time.perf_counter()
         plan_s_before = self.stats.plan_s
         # Zero-cost context drafts first; those sequences need no layer-skip draft this round.
         looked_up: set[int] = set()
-        if self.cfg.lookup_max > 0:
+        if self.cfg.lookup_max > 0 and arm != PLAIN:
             for i in active:
                 n_i = int(num_tokens[i])
                 k = min(self.k, self.max_model_len - n_i)
@@ -174,10 +175,10 @@ class ClaspProposer:
                     looked_up.add(i)
             self.stats.lookup_rounds += len(looked_up)
             self.stats.lookup_tokens += sum(len(drafts[i]) for i in looked_up)
-        if not speculate:
+        if arm != SKIP:
             end = time.perf_counter()
             self.stats.draft_s += end - t0
-            self.governor.finish(False, len(active), end - now, end)
+            self.governor.finish(arm, len(active), end - now, end)
             return drafts
         # Plan: never-planned sequences first, then the most overdue.
         due = [d for d in due if d[1] not in looked_up]
@@ -202,7 +203,7 @@ class ClaspProposer:
             self._draft(rows, keeps, batch, num_tokens, block_table, drafts)
         end = time.perf_counter()
         self.stats.draft_s += end - t0 - (self.stats.plan_s - plan_s_before)
-        self.governor.finish(True, len(active), end - now, end)
+        self.governor.finish(SKIP, len(active), end - now, end)
         return drafts
 
     def _plan(self, rid: str, aux: list[torch.Tensor], tok_idx: int, pos: int, block_row: torch.Tensor) -> None:
