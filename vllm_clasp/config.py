@@ -59,6 +59,9 @@ class ClaspConfig:
     """Never skip so many layers that fewer than this many remain."""
     draft_vocab: int = 8192
     """Draft LM head over the lowest token ids plus the sequences' context tokens (0: full)."""
+    sampled_drafts: bool = True
+    """Sampled requests: draw drafts from the draft distribution q and give q to the rejection
+    sampler (False: argmax drafts treated as point masses; exact too, accepts less)."""
     adaptive: bool = True
     """Measure decoding speed with and without drafts online; draft only while it pays."""
     self_check: bool = False
@@ -77,6 +80,7 @@ class ClaspConfig:
         "max_plans_per_step": "int in [1, 64]: sequences planned in one engine step at most",
         "min_draft_layers": "int >= 1: decoder layers the draft always keeps",
         "draft_vocab": "int >= 0: draft head vocabulary (lowest ids + context tokens; 0 = full)",
+        "sampled_drafts": "bool: sampled requests draft from q and pass q to the rejection sampler",
         "adaptive": "bool: turn drafting off while measured plain decoding is faster",
         "self_check": "bool: verify the planner's layer runner against captured states (debug)",
     }
@@ -186,7 +190,7 @@ def parse_clasp_config(raw: dict[str, Any]) -> tuple[ClaspConfig, dict[str, Any]
         if not _is_int(v) or v < 0:
             raise _err("draft_vocab", docs["draft_vocab"], v)
         kw["draft_vocab"] = v
-    for key in ("self_check", "adaptive"):
+    for key in ("self_check", "adaptive", "sampled_drafts"):
         c = raw.get(key)
         if c is not None:
             if not isinstance(c, bool):

@@ -17,6 +17,11 @@ CLaSp rides on vLLM's ``custom_class`` speculative method:
   verification metadata and those hidden states.
 * ReserveScratchKVBlocks: the scheduler is given a few KV blocks fewer than the workers allocate;
   the planner uses the rest as scratch.
+* FixCpuExpandBatchToTokens (CPU only): vLLM's CPU rejection sampler expands per-request
+  temperature/top-k/top-p into an int64 *copy* and returns the uninitialised original, so every
+  sampled speculative request (ngram's too) is verified against garbage-tempered logits.
+* SkipSamplingConstraintsWithoutDrafts (CPU only): a step in which no request has drafts still goes
+  through the rejection sampler, and vLLM's CPU top-k path fails on the empty draft batch.
 """
 
 from __future__ import annotations
@@ -294,6 +299,65 @@ class ReserveScratchKVBlocks(VllmPatch):
         return _initialize_kv_caches
 
 
+class FixCpuExpandBatchToTokens(VllmPatch):
+    """vLLM 0.32 CPU bug: ``expand_batch_to_tokens`` runs ``cpu_triton_utils._expand_kernel_impl``,
+    which converts the float output buffer to int64, fills the copy and drops it, leaving
+    ``temperature``/``top_p`` per draft token as uninitialised memory. Sampled requests with drafts
+    then accept almost nothing and are not reproducible. Same result as the Triton kernel, in torch.
+    """
+
+    @classmethod
+    def target(cls):
+        from vllm.v1.sample import rejection_sampler
+
+        return rejection_sampler, "expand_batch_to_tokens"
+
+    @classmethod
+    def build(cls, original: Callable) -> Callable:
+        @functools.wraps(original)
+        def expand_batch_to_tokens(x, cu_num_tokens, num_tokens, replace_from=0, replace_to=0):
+            if x.device.type != "cpu":
+                return original(x, cu_num_tokens, num_tokens, replace_from, replace_to)
+            return expand_per_token(x, cu_num_tokens, num_tokens, replace_from, replace_to)
+
+        return expand_batch_to_tokens
+
+
+def expand_per_token(x, cu_num_tokens, num_tokens: int, replace_from=0, replace_to=0):
+    """[a, b, c] with cu [2, 5, 6] -> [a, a, b, b, b, c]; entries equal to replace_from become
+    replace_to (vLLM's expand_kernel semantics)."""
+    import torch
+
+    cu = cu_num_tokens.to(torch.long)
+    counts = torch.diff(cu, prepend=cu.new_zeros(1))
+    x = torch.where(x == replace_from, torch.full_like(x, replace_to), x)
+    return torch.repeat_interleave(x, counts, output_size=int(num_tokens))
+
+
+class SkipSamplingConstraintsWithoutDrafts(VllmPatch):
+    """vLLM 0.32 CPU bug: with speculative decoding every step's sampling goes through the
+    rejection sampler; when no request in the step has a draft, ``apply_sampling_constraints`` gets
+    zero rows and the CPU top-k path (``apply_top_k_only``) calls ``max()`` on an empty tensor, so
+    any request with ``top_k`` crashes the engine (ngram's too). Zero rows need no constraints.
+    """
+
+    @classmethod
+    def target(cls):
+        from vllm.v1.sample import rejection_sampler
+
+        return rejection_sampler, "apply_sampling_constraints"
+
+    @classmethod
+    def build(cls, original: Callable) -> Callable:
+        @functools.wraps(original)
+        def apply_sampling_constraints(logits, cu_num_draft_tokens, sampling_metadata):
+            if logits.shape[0] == 0:
+                return logits
+            return original(logits, cu_num_draft_tokens, sampling_metadata)
+
+        return apply_sampling_constraints
+
+
 ALL_PATCHES: tuple[type[VllmPatch], ...] = (
     RewriteClaspSpeculativeConfig,
     ClaspLookaheadSlots,
@@ -301,6 +365,8 @@ ALL_PATCHES: tuple[type[VllmPatch], ...] = (
     CaptureAllLayerHiddenStates,
     RouteClaspProposals,
     ReserveScratchKVBlocks,
+    FixCpuExpandBatchToTokens,
+    SkipSamplingConstraintsWithoutDrafts,
 )
 
 

@@ -159,14 +159,19 @@ class ClaspProposer:
         self.governor.observe(committed, measurable, now)
         if not active:
             return drafts
+        sampling = _SamplingRows.from_runner(runner, req_ids, num_tokens, self.k, self.cfg.sampled_drafts)
         # The governor picks the arm: layer-skip + context drafts, context drafts only, or none.
+        # Seeded sampled requests always take the first arm and are planned as soon as due:
+        # their random stream depends on how many drafts they get, so that must not depend on
+        # timing or on which other requests share the step.
         arm = self.governor.decide(len(active))
+        pinned = {i for i in active if sampling.is_seeded(i)}
         t0 = time.perf_counter()
         plan_s_before = self.stats.plan_s
         # Zero-cost context drafts first; those sequences need no layer-skip draft this round.
         looked_up: set[int] = set()
-        if self.cfg.lookup_max > 0 and arm != PLAIN:
-            for i in active:
+        if self.cfg.lookup_max > 0:
+            for i in active if arm != PLAIN else sorted(pinned):
                 n_i = int(num_tokens[i])
                 k = min(self.k, self.max_model_len - n_i)
                 d = lookup_draft(batch.token_ids_cpu[i, :n_i], self.cfg.lookup_min, self.cfg.lookup_max, k)
@@ -175,35 +180,29 @@ class ClaspProposer:
                     looked_up.add(i)
             self.stats.lookup_rounds += len(looked_up)
             self.stats.lookup_tokens += sum(len(drafts[i]) for i in looked_up)
-        if arm != SKIP:
-            end = time.perf_counter()
-            self.stats.draft_s += end - t0
-            self.governor.finish(arm, len(active), end - now, end)
-            return drafts
-        # Plan: never-planned sequences first, then the most overdue.
-        due = [d for d in due if d[1] not in looked_up]
-        due.sort(key=lambda t: (t[0], -self.seqs[req_ids[t[1]]].rounds_since_plan))
-        if self.num_skip > 0:
-            for _, i in due[: self.cfg.max_plans_per_step]:
+        skip_rows = [i for i in active if i not in looked_up and (arm == SKIP or i in pinned)]
+        if skip_rows and self.num_skip > 0:
+            # Plan: never-planned sequences first, then the most overdue; pinned ones always.
+            due = [d for d in due if d[1] in skip_rows]
+            due.sort(key=lambda t: (t[1] not in pinned, t[0], -self.seqs[req_ids[t[1]]].rounds_since_plan))
+            budget = max(self.cfg.max_plans_per_step, sum(1 for d in due if d[1] in pinned))
+            for _, i in due[:budget]:
                 self._plan(req_ids[i], aux_hidden_states, last_idx[i], int(num_tokens[i]) - 2, block_table[i])
-
-        rows = []
-        keeps = []
-        for i in active:
-            if i in looked_up:
-                continue
+        rows, keeps = [], []
+        for i in skip_rows:
             keep = self.seqs[req_ids[i]].keep
-            if keep is None:
+            if keep is None and i not in pinned:
                 keep = self.fallback_keep
             if keep is None and self.num_skip > 0:
                 continue
             rows.append(i)
             keeps.append(keep if keep is not None else torch.ones(stack.num_layers, dtype=torch.bool))
         if rows:
-            self._draft(rows, keeps, batch, num_tokens, block_table, drafts)
+            self._draft(rows, keeps, batch, num_tokens, block_table, drafts, sampling)
+        sampling.publish(runner, drafts)
         end = time.perf_counter()
         self.stats.draft_s += end - t0 - (self.stats.plan_s - plan_s_before)
-        self.governor.finish(SKIP, len(active), end - now, end)
+        self.governor.finish(arm, len(active), end - now, end)
         return drafts
 
     def _plan(self, rid: str, aux: list[torch.Tensor], tok_idx: int, pos: int, block_row: torch.Tensor) -> None:
@@ -245,6 +244,7 @@ class ClaspProposer:
         num_tokens: np.ndarray,
         block_table: torch.Tensor,
         drafts: list[list[int]],
+        sampling: "_SamplingRows",
     ) -> None:
         stack, kv = self.stack, self.kv
         assert stack is not None and kv is not None
@@ -272,6 +272,18 @@ class ClaspProposer:
             )
             probs = torch.softmax(logits.float(), dim=-1)
             p_top, tok = probs.max(dim=-1)
+            rand = [k for k, a in enumerate(idx.tolist()) if sampling.is_random(rows[a])]
+            if rand:
+                # Sampled requests draw their draft from q (the draft's own distribution after
+                # temperature/top-k/top-p) and hand q to vLLM's rejection sampler.
+                rr = [rows[int(idx[k])] for k in rand]
+                q = sampling.draft_distributions(rr, logits[rand])
+                t = sampling.sample(rr, [len(drafts[r]) for r in rr], q)
+                for a, (k, r) in enumerate(zip(rand, rr)):
+                    sampling.record(r, len(drafts[r]), q[a], vocab_ids)
+                rand_t = torch.as_tensor(rand)
+                tok[rand_t] = t
+                p_top[rand_t] = q.gather(1, t.unsqueeze(1)).squeeze(1)
             if vocab_ids is not None:
                 tok = vocab_ids[tok]
             self.stats.draft_steps += 1
@@ -289,3 +301,99 @@ class ClaspProposer:
             positions[idx] += 1
             still = ok & (torch.as_tensor([len(drafts[rows[a]]) for a in idx.tolist()]) < budget[idx])
             alive[idx] = still
+
+
+class _SamplingRows:
+    """Per-request sampling settings for this step, and the draft distributions q of sampled
+    requests' drafts, published to the runner for vLLM's rejection sampler."""
+
+    def __init__(self, params: dict[int, Any], num_tokens: np.ndarray, k: int, req_ids: list[str], use_q: bool):
+        self.params = params  # batch row -> SamplingParams of random (temperature > 0) requests
+        self.use_q = use_q
+        self.num_tokens = num_tokens
+        self.k = k
+        self.req_ids = req_ids
+        self.q: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor | None]] = {}
+
+    @classmethod
+    def from_runner(cls, runner: Any, req_ids: list[str], num_tokens: np.ndarray, k: int, use_q: bool) -> "_SamplingRows":
+        params = {}
+        for i, rid in enumerate(req_ids):
+            st = runner.requests.get(rid)
+            sp = getattr(st, "sampling_params", None)
+            if sp is not None and sp.temperature is not None and sp.temperature > 1e-5:
+                params[i] = sp
+        return cls(params, num_tokens, k, req_ids, use_q)
+
+    def is_random(self, row: int) -> bool:
+        """Draft this row from q (else: argmax, a point mass)."""
+        return self.use_q and row in self.params
+
+    def is_seeded(self, row: int) -> bool:
+        sp = self.params.get(row)
+        return sp is not None and sp.seed is not None
+
+    def draft_distributions(self, rows: list[int], logits: torch.Tensor) -> torch.Tensor:
+        """q for each row: the draft logits under the row's temperature, top-k and top-p. Any q
+        keeps sampling exact (the drafts are drawn from it); closer to the target's, more accepted."""
+        sps = [self.params[r] for r in rows]
+        x = logits.float() / torch.tensor([float(sp.temperature) for sp in sps]).unsqueeze(1)
+        V = x.shape[1]
+        k = torch.tensor([sp.top_k if sp.top_k is not None and 0 < sp.top_k < V else V for sp in sps])
+        if bool((k < V).any()):
+            kth = torch.sort(x, dim=1, descending=True).values.gather(1, (k - 1).unsqueeze(1))
+            x = x.masked_fill(x < kth, float("-inf"))
+        q = torch.softmax(x, dim=1)
+        p = torch.tensor([sp.top_p if sp.top_p is not None else 1.0 for sp in sps], dtype=q.dtype)
+        if bool((p < 1.0).any()):
+            sq, order = torch.sort(q, dim=1, descending=True)
+            sq = sq.masked_fill((sq.cumsum(1) - sq) > p.unsqueeze(1), 0.0)
+            q = torch.zeros_like(q).scatter_(1, order, sq)
+            q = q / q.sum(dim=1, keepdim=True)
+        return q
+
+    def sample(self, rows: list[int], js: list[int], q: torch.Tensor) -> torch.Tensor:
+        """One draft per row from q; seeded requests from their own generator (reproducible)."""
+        out = torch.empty(len(rows), dtype=torch.long)
+        free = [a for a, r in enumerate(rows) if self.params[r].seed is None]
+        if free:
+            out[free] = torch.multinomial(q[free], 1).squeeze(1)
+        for a, (r, j) in enumerate(zip(rows, js)):
+            g = self.generator(r, j)
+            if g is not None:
+                out[a] = torch.multinomial(q[a], 1, generator=g).item()
+        return out
+
+    def generator(self, row: int, j: int) -> torch.Generator | None:
+        sp = self.params[row]
+        if sp.seed is None:
+            return None
+        g = torch.Generator()
+        g.manual_seed((int(sp.seed) * 1_000_003 + int(self.num_tokens[row]) * 131 + j) % (2**63))
+        return g
+
+    def record(self, row: int, j: int, q: torch.Tensor, vocab_ids: torch.Tensor | None) -> None:
+        self.q[(row, j)] = (q, vocab_ids)
+
+    def publish(self, runner: Any, drafts: list[list[int]]) -> None:
+        """Give vLLM's rejection sampler q ([rows with drafts, K, V]) when some draft was drawn
+        from one. Other drafts (argmax, context) are point masses: with no probabilities at all
+        vLLM treats every draft so, which is exact and needs no dense tensor."""
+        if not self.q:
+            return
+        vocab = int(runner.model_config.get_vocab_size())
+        with_drafts = [r for r, d in enumerate(drafts) if d]
+        probs = torch.zeros(len(with_drafts), self.k, vocab, dtype=torch.float32)
+        for a, r in enumerate(with_drafts):
+            for j, t in enumerate(drafts[r]):
+                rec = self.q.get((r, j))
+                if rec is None:
+                    probs[a, j, t] = 1.0
+                else:
+                    q, ids = rec
+                    if ids is None:
+                        probs[a, j, : q.shape[0]] = q
+                    else:
+                        probs[a, j].index_copy_(0, ids, q)
+        runner._draft_probs = probs
+        runner._draft_prob_req_ids = [self.req_ids[r] for r in with_drafts]
