@@ -156,7 +156,7 @@ class ClaspProposer:
                 due.append((1, i))
             active.append(i)
         self.stats.rounds += len(active)
-        self.governor.observe(committed, measurable, now)
+        self.governor.observe(committed, measurable, now, scheduled=int(qsl[n] - qsl[0]), rows=len(active))
         if not active:
             return drafts
         sampling = _SamplingRows.from_runner(runner, req_ids, num_tokens, self.k, self.cfg.sampled_drafts)
