@@ -224,9 +224,10 @@ def _mean(xs: Sequence[float]) -> float:
     return sum(xs) / len(xs) if xs else float("nan")
 
 
-def summarize(chunks: Sequence[Chunk], methods: Sequence[Method], baseline: str = "plain") -> dict[str, Any]:
+def summarize(chunks: Sequence[Chunk], methods: Sequence[Method], baseline: str = "plain",
+              greedy: bool = True) -> dict[str, Any]:
     """Per method and group (and Overall): tokens/s, speedup (mean and range over repeats), τ,
-    acceptance, identical share, and clasp's own counters."""
+    acceptance, identical share (greedy runs only), and clasp's own counters."""
     runs = [c for c in chunks if c.repeat >= 0]
     repeats = sorted({c.repeat for c in runs})
     groups = list(dict.fromkeys(c.group for c in runs)) + ["Overall"]
@@ -261,7 +262,7 @@ def summarize(chunks: Sequence[Chunk], methods: Sequence[Method], baseline: str 
                     if ref is not None:
                         same += sum(a == b for a, b in zip(c.outputs, ref))
                         total += len(c.outputs)
-                row["identical"] = same / total if total else None
+                row["identical"] = same / total if total and greedy else None
             if m.is_clasp:
                 row["clasp"] = _clasp_summary(sel, tokens, row["seconds"])
             table[m.name][g] = row
@@ -393,7 +394,7 @@ def run_sweep(
             print(f"sweep cell {n + 1}/{total}: skip_layers={s}, K={k}", flush=True)
         chunks = run_bench(model, methods, questions, max_tokens=max_tokens, batch_size=batch_size,
                            temperature=temperature, repeats=1, dtype=dtype, progress=progress)
-        row = summarize(chunks, methods)["table"]["clasp"]["Overall"]
+        row = summarize(chunks, methods, greedy=temperature == 0)["table"]["clasp"]["Overall"]
         cells.append({"skip_layers": s, "k": k, "speedup": row["speedup"], "tau": row["tau"],
                       "acceptance": row["acceptance"], "identical": row.get("identical")})
     return cells
@@ -483,6 +484,7 @@ def add_arguments(p: Any) -> None:
 
 
 def main(args: Any) -> int:
+    from vllm_clasp.config import parse_clasp_config
     from vllm_clasp.models import default_model_path
 
     for name in ("per_group", "max_tokens", "batch_size", "repeats"):
@@ -506,8 +508,13 @@ def main(args: Any) -> int:
                f"({args.per_group} per group), {args.max_tokens} new tokens, batch size {args.batch_size}, "
                f"temperature {args.temperature}, {platform.machine()} CPU x{os.cpu_count()}")
     if args.sweep_skip:
-        skips = [float(x) for x in args.sweep_skip.split(",")]
-        ks = [int(x) for x in args.sweep_k.split(",")]
+        try:  # skip_layers: a count ("12") or a fraction ("0.4")
+            skips = [int(x) if x.strip().isdigit() else float(x) for x in args.sweep_skip.split(",")]
+            ks = [int(x) for x in args.sweep_k.split(",")]
+            for s in skips:
+                parse_clasp_config({**clasp_config, "method": "clasp", "skip_layers": s})
+        except ValueError as e:
+            raise SystemExit(f"vllm-clasp bench: --sweep-skip/--sweep-k: {e}") from None
         cells = run_sweep(model, clasp_config, skips, ks, questions, max_tokens=args.max_tokens,
                           batch_size=args.batch_size, temperature=args.temperature, dtype=args.dtype,
                           progress=not args.no_progress)
@@ -521,7 +528,7 @@ def main(args: Any) -> int:
     chunks = run_bench(model, methods, questions, max_tokens=args.max_tokens, batch_size=args.batch_size,
                        temperature=args.temperature, repeats=args.repeats, dtype=args.dtype,
                        progress=not args.no_progress)
-    summary = summarize(chunks, methods)
+    summary = summarize(chunks, methods, greedy=args.temperature == 0)
     summary.update(setting=setting, methods={m.name: m.spec for m in methods})
     (out / "results.json").write_text(json.dumps(summary, indent=1))
     (out / "chunks.json").write_text(json.dumps([dataclasses.asdict(c) for c in chunks]))

@@ -1,0 +1,75 @@
+"""The benchmark command: question selection, method parsing, aggregation, and a small real run."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from vllm_clasp.bench import Chunk, GROUPS, Method, markdown, parse_methods, questions_by_group, summarize
+
+
+def test_questions_by_group_takes_mt_bench_categories_in_turn():
+    qs = questions_by_group(8)
+    assert [q.group for q in qs] == [g for g in GROUPS for _ in range(8)]
+    assert len({q.category for q in qs if q.group == "MT-bench"}) == 8
+    with pytest.raises(ValueError, match="unknown Spec-Bench groups"):
+        questions_by_group(1, ["Poetry"])
+
+
+def test_parse_methods_adds_plain_and_refuses_bad_input():
+    ms = parse_methods("clasp", ['n3={"method": "ngram", "num_speculative_tokens": 3, "prompt_lookup_max": 3}'], {})
+    assert [m.name for m in ms] == ["plain", "clasp", "n3"]
+    for bad, msg in [(("foo", []), "unknown method"), (("plain", ["x"]), "NAME=JSON"),
+                     (("plain", ["x={"]), "not valid JSON"), (("plain", ["x=[]"]), "'method' key")]:
+        with pytest.raises(ValueError, match=msg):
+            parse_methods(*bad, {})
+    with pytest.raises(ValueError, match="skip_layerz"):
+        parse_methods("clasp", [], {"skip_layerz": 2})
+
+
+def _chunk(method, rep, group, seconds, tokens, accepted=0.0, outputs=None):
+    return Chunk(method, rep, group, [0], seconds, tokens, outputs or [[1, 2]],
+                 {"drafts": accepted, "draft_tokens": 2 * accepted, "accepted": accepted})
+
+
+def test_summarize_speedup_tau_spread_and_identical_share():
+    methods = [Method("plain", None), Method("fast", {"method": "ngram"})]
+    chunks = [
+        _chunk("plain", 0, "QA", 10.0, 100), _chunk("fast", 0, "QA", 5.0, 100, accepted=50),
+        _chunk("plain", 1, "QA", 10.0, 100), _chunk("fast", 1, "QA", 8.0, 100, accepted=50, outputs=[[9]]),
+    ]
+    t = summarize(chunks, methods)["table"]
+    row = t["fast"]["QA"]
+    assert row["speedup_min"] == pytest.approx(1.25) and row["speedup_max"] == pytest.approx(2.0)
+    assert row["speedup"] == pytest.approx(1.625)
+    assert row["tau"] == pytest.approx(200 / (200 - 100))
+    assert row["acceptance"] == pytest.approx(0.5)
+    assert row["identical"] == pytest.approx(0.5)
+    assert t["fast"]["Overall"]["speedup"] == pytest.approx(1.625)
+    md = markdown(summarize(chunks, methods), "header")
+    assert "1.62 [1.25–2.00]" in md and "fast 50 %" in md
+
+
+@pytest.mark.slow
+def test_bench_command_end_to_end_on_the_tiny_model(tiny_model, tmp_path):
+    out = tmp_path / "b"
+    cmd = [sys.executable, "-m", "vllm_clasp.cli", "bench", "--model", tiny_model, "--groups", "QA,Math",
+           "--per-group", "2", "--max-tokens", "12", "--repeats", "2", "--batch-size", "2", "--out", str(out),
+           "--no-progress", "--clasp-config", '{"adaptive": false, "skip_layers": 2}']
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=1200)
+    assert r.returncode == 0, r.stderr[-3000:]
+    res = json.loads((out / "results.json").read_text())
+    assert set(res["table"]) == {"plain", "ngram", "clasp"} and res["repeats"] == 2
+    overall = res["table"]["clasp"]["Overall"]
+    assert overall["identical"] == 1.0 and overall["vllm_draft_tokens"] > 0
+    assert overall["clasp"]["layers_skipped"] == pytest.approx(2.0)
+    assert len(overall["tokens_per_s_by_repeat"]) == 2
+    assert (out / "speedup.png").stat().st_size > 1000 and "Overall" in (out / "results.md").read_text()
+    sweep = tmp_path / "s"
+    cmd = cmd[: cmd.index("--out")] + ["--out", str(sweep), "--sweep-skip", "1,2", "--sweep-k", "2,3", "--repeats", "1"]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=1800)
+    assert r.returncode == 0, r.stderr[-3000:]
+    cells = json.loads((sweep / "sweep.json").read_text())["cells"]
+    assert {(c["skip_layers"], c["k"]) for c in cells} == {(1.0, 2), (1.0, 3), (2.0, 2), (2.0, 3)}
+    assert all(c["identical"] == 1.0 for c in cells) and (sweep / "sweep.png").exists()
