@@ -13,6 +13,9 @@ Two kinds of forward run here, both eager and outside vLLM's compiled model (onl
 
 Attention metadata comes from vLLM's own metadata builders (``CommonAttentionMetadata`` ->
 backend metadata), so the kernels see exactly what they see in a target step.
+
+Model families plug in through a small ``LayerStack`` adapter (Llama-style default, Gemma 3);
+hybrid-attention models, whose layers sit in several KV cache groups, through ``KVGroup``.
 """
 
 from __future__ import annotations

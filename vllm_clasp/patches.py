@@ -198,10 +198,13 @@ class CaptureAllLayerHiddenStates(VllmPatch):
 class Gemma3AllLayerHiddenStates(VllmPatch):
     """vLLM 0.32's Gemma3Model has no EAGLE-3 aux outputs: return x_0..x_L when clasp asks.
 
-    Only when ``clasp_aux_layers`` is set on the model (by ``drafting.Gemma3Stack``) does the
-    forward differ from vLLM's: the same loop, also collecting ``out + residual`` after the
-    layers named there (0 = the scaled embedding), returned as ``(hidden_states, aux)`` like
-    the models with EAGLE-3 support. Pipeline parallelism is refused before this runs.
+    The replacement is vLLM's ``Gemma3Model.forward`` (same loop, same pipeline-stage handling)
+    that, when ``clasp_aux_layers`` is set on the model (by ``drafting.Gemma3Stack``), also
+    collects ``out + residual`` after the layers named there (0 = the scaled embedding) and
+    returns ``(hidden_states, aux)`` like the models with EAGLE-3 support. Unset, it computes
+    exactly what vLLM's does. It is a whole function, not a wrapper, and carries vLLM's
+    qualified name: torch.compile's AOT cache pickles the compiled forward by reference, which
+    fails for a wrapper that closes over the replaced function.
     """
 
     @classmethod
@@ -212,21 +215,34 @@ class Gemma3AllLayerHiddenStates(VllmPatch):
 
     @classmethod
     def build(cls, original: Callable) -> Callable:
-        @functools.wraps(original)
+        from itertools import islice
+
+        from vllm.distributed import get_pp_group
+        from vllm.sequence import IntermediateTensors
+
         def forward(self, input_ids, positions, intermediate_tensors=None, inputs_embeds=None, **kwargs):
             layers = getattr(self, "clasp_aux_layers", ())
-            if not layers:
-                return original(self, input_ids, positions, intermediate_tensors, inputs_embeds, **kwargs)
-            hidden_states = inputs_embeds if inputs_embeds is not None else self.embed_input_ids(input_ids)
-            residual = None
+            if get_pp_group().is_first_rank:
+                hidden_states = inputs_embeds if inputs_embeds is not None else self.embed_input_ids(input_ids)
+                residual = None
+            else:
+                assert intermediate_tensors is not None
+                hidden_states = intermediate_tensors["hidden_states"]
+                residual = intermediate_tensors["residual"]
             aux = [hidden_states] if 0 in layers else []
-            for idx, layer in enumerate(self.layers[self.start_layer : self.end_layer], start=self.start_layer):
+            for idx, layer in enumerate(islice(self.layers, self.start_layer, self.end_layer), start=self.start_layer):
                 hidden_states, residual = layer(positions, hidden_states, residual, **kwargs)
                 if idx + 1 in layers:
                     aux.append(hidden_states + residual)
+            if not get_pp_group().is_last_rank:
+                return IntermediateTensors({"hidden_states": hidden_states, "residual": residual})
             hidden_states, _ = self.norm(hidden_states, residual)
-            return hidden_states, aux
+            return (hidden_states, aux) if layers else hidden_states
 
+        forward.__module__ = original.__module__
+        forward.__qualname__ = original.__qualname__
+        forward.__doc__ = original.__doc__
+        forward.__annotations__ = dict(getattr(original, "__annotations__", {}))
         return forward
 
 

@@ -28,15 +28,7 @@ from vllm.logger import init_logger
 from vllm_clasp.config import PARAMS_ATTR, ClaspConfig
 from vllm_clasp.governor import LOOKUP, PLAIN, SKIP, Governor
 from vllm_clasp.lookup import lookup_draft
-from vllm_clasp.drafting import (
-    DraftHead,
-    KVGroup,
-    LayerStack,
-    ScratchLayerRunner,
-    draft_step,
-    kv_group_from_runner,
-    layer_stack,
-)
+from vllm_clasp.drafting import DraftHead, KVGroup, LayerStack, ScratchLayerRunner, draft_step, kv_group_from_runner, layer_stack
 from vllm_clasp.planner import plan_skip_layers, skip_mask
 
 logger = init_logger(f"vllm.{__name__}")
