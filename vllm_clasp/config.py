@@ -17,13 +17,17 @@ METHOD = "clasp"
 PROPOSER_PATH = "vllm_clasp.proposer.ClaspProposer"
 PARAMS_ATTR = "clasp_params"
 
-# Decoder-only architectures whose vLLM model classes expose the shared layer stack
-# (``model.layers`` over a residual stream, ``embed_input_ids``, ``norm``, aux hidden states).
+# Decoder-only text architectures whose vLLM model classes expose the shared layer stack
+# (``model.layers`` over a residual stream, ``embed_input_ids``, ``norm``, aux hidden states),
+# directly or through an adapter in ``drafting.ADAPTERS``. Multimodal wrappers of the same
+# decoders (Gemma3ForConditionalGeneration, ...) are not listed: their vision tower and
+# merged embeddings are not driven by the draft.
 SUPPORTED_ARCHITECTURES = (
     "LlamaForCausalLM",
     "MistralForCausalLM",
     "Qwen2ForCausalLM",
     "Qwen3ForCausalLM",
+    "Gemma3ForCausalLM",
 )
 
 # SpeculativeConfig keys that keep their vLLM meaning with clasp. Everything else that vLLM's
@@ -207,8 +211,13 @@ def check_target(cfg: ClaspConfig, model_config: Any, parallel_config: Any) -> i
     """Refuse models and parallel setups clasp cannot run on; return the decoder layer count."""
     archs = list(getattr(model_config, "architectures", None) or [])
     if not any(a in SUPPORTED_ARCHITECTURES for a in archs):
+        kind = ""
+        if getattr(model_config, "is_encoder_decoder", False):
+            kind = " (an encoder-decoder model: clasp supports decoder-only models only)"
+        elif getattr(model_config, "is_multimodal_model", False):
+            kind = " (a multimodal model: clasp supports text-only decoders)"
         raise ClaspConfigError(
-            f"speculative_config method 'clasp' does not support architecture(s) {archs}; "
+            f"speculative_config method 'clasp' does not support architecture(s) {archs}{kind}; "
             f"supported: {list(SUPPORTED_ARCHITECTURES)}."
         )
     hf = model_config.hf_text_config

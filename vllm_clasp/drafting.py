@@ -13,6 +13,9 @@ Two kinds of forward run here, both eager and outside vLLM's compiled model (onl
 
 Attention metadata comes from vLLM's own metadata builders (``CommonAttentionMetadata`` ->
 backend metadata), so the kernels see exactly what they see in a target step.
+
+Model families plug in through a small ``LayerStack`` adapter (Llama-style default, Gemma 3);
+hybrid-attention models, whose layers sit in several KV cache groups, through ``KVGroup``.
 """
 
 from __future__ import annotations
@@ -32,9 +35,13 @@ class UnsupportedModelError(RuntimeError):
 
 
 class LayerStack:
-    """The parts of a vLLM decoder-only model CLaSp uses: embedding, layers, final norm, head.
+    """Adapter: the parts of a vLLM decoder-only model CLaSp uses (embedding, layers, final norm,
+    head) and how to make its forward return every layer's hidden state.
 
-    Llama, Mistral and Qwen2/3 in vLLM share this shape; other families get an adapter here.
+    This default fits models whose decoder layer is ``layer(positions, x, residual) -> (out,
+    residual)`` with the raw residual stream ``out + residual`` and ``compute_logits(norm(x))``
+    as the head, and that implement vLLM's EAGLE-3 aux hidden-state outputs: Llama, Mistral,
+    Qwen2/3. Families that differ get a subclass in ``ADAPTERS``.
     """
 
     def __init__(self, model: nn.Module):
@@ -61,6 +68,17 @@ class LayerStack:
                 raise UnsupportedModelError(f"decoder layer {i} has no self_attn.attn.layer_name")
             self.attn_names.append(name)
 
+    def capture_all_layers(self) -> None:
+        """Make the model's forward also return x_0..x_L (aux hidden states)."""
+        from vllm.model_executor.models.interfaces import supports_eagle3
+
+        if not supports_eagle3(self.model):
+            raise UnsupportedModelError(
+                f"clasp needs per-layer hidden states, which {type(self.model).__name__} cannot "
+                "return (it does not implement vLLM's SupportsEagle3 interface)"
+            )
+        self.model.set_aux_hidden_state_layers(tuple(range(self.num_layers + 1)))
+
     def embed(self, token_ids: torch.Tensor) -> torch.Tensor:
         return self.inner.embed_input_ids(token_ids)
 
@@ -69,8 +87,11 @@ class LayerStack:
         h, r = self.layers[i](positions, x, None)
         return h + r
 
+    def norm(self, x: torch.Tensor) -> torch.Tensor:
+        return self.inner.norm(x)
+
     def logits(self, x: torch.Tensor) -> torch.Tensor:
-        return self.model.compute_logits(self.inner.norm(x))
+        return self.model.compute_logits(self.norm(x))
 
     def head_weight(self) -> torch.Tensor | None:
         """The LM head's [V, H] weight when logits are a plain matmul with it (else None)."""
@@ -86,6 +107,36 @@ class LayerStack:
         if getattr(head, "bias", None) is not None:
             return None
         return w
+
+
+class Gemma3Stack(LayerStack):
+    """Gemma 3 (text). The rest of the Llama contract holds as is:
+
+    * ``embed_input_ids`` already multiplies by sqrt(hidden_size), so x_0 is the scaled embedding;
+    * the extra norms (q/k norms, post-attention, pre/post-feed-forward) sit inside the decoder
+      layer, which still returns ``(out, residual)`` with x_{i+1} = out + residual;
+    * the head is tied to the embedding; a final logit soft-cap (Gemma 2's, None in Gemma 3)
+      makes ``head_weight`` return None, so the draft then uses the full ``compute_logits``;
+    * sliding-window and global layers sit in different KV cache groups: ``KVGroup`` handles that.
+
+    vLLM 0.32's Gemma3Model has no EAGLE-3 aux outputs; ``patches.Gemma3AllLayerHiddenStates``
+    adds them, switched on by the ``clasp_aux_layers`` attribute set here.
+    """
+
+    def capture_all_layers(self) -> None:
+        from vllm_clasp.patches import Gemma3AllLayerHiddenStates
+
+        if not Gemma3AllLayerHiddenStates.applied():
+            raise UnsupportedModelError("clasp on Gemma 3 needs the Gemma3AllLayerHiddenStates patch")
+        self.inner.clasp_aux_layers = tuple(range(self.num_layers + 1))
+
+
+ADAPTERS: dict[str, type[LayerStack]] = {"Gemma3ForCausalLM": Gemma3Stack}
+
+
+def layer_stack(model: nn.Module) -> LayerStack:
+    """The adapter for ``model``'s class (Llama-style by default)."""
+    return ADAPTERS.get(type(model).__name__, LayerStack)(model)
 
 
 class DraftHead:
@@ -111,7 +162,7 @@ class DraftHead:
         """(logits over the draft vocabulary, its token ids; None means the full vocabulary)."""
         if not self.enabled:
             return self.stack.logits(x), None
-        h = self.stack.inner.norm(x)
+        h = self.stack.norm(x)
         extra = None
         if context_ids is not None:
             extra = context_ids[context_ids >= self.size]
@@ -124,40 +175,72 @@ class DraftHead:
 
 @dataclass
 class KVGroup:
-    """Attention plumbing for the (single) KV cache group the decoder layers live in."""
+    """Attention plumbing for the decoder layers: one entry per vLLM KV cache group they use.
 
-    builder: Any
-    block_size: int
+    Models with one kind of attention have one group. Hybrid models (Gemma 3: sliding-window and
+    global layers) have several, each with its own block table and metadata builder; block ids
+    come from one shared pool, so the scratch blocks at its end serve every group.
+    """
+
+    group_ids: list[int]  # vLLM KV cache group id of each entry
+    builders: list[Any]
+    block_sizes: list[int]
+    layer_group: list[int]  # entry index for each decoder layer
     kv_caches: dict[str, torch.Tensor]
     scratch_block_ids: list[int]
 
+    def block_tables(self, runner: Any, n: int) -> torch.Tensor:
+        """[n, groups, max_blocks]: the block table rows of the first n requests, per group."""
+        tables = [runner.input_batch.block_table[g].get_device_tensor(n)[:n] for g in self.group_ids]
+        width = max(t.shape[1] for t in tables)
+        tables = [torch.nn.functional.pad(t, (0, width - t.shape[1])) for t in tables]
+        return torch.stack(tables, dim=1)
+
 
 def kv_group_from_runner(runner: Any, stack: LayerStack, num_scratch: int) -> KVGroup:
-    groups = [g for gl in runner.attn_groups for g in gl]
     names = set(stack.attn_names)
-    owning = [g for g in groups if names & set(g.layer_names)]
-    if len(owning) != 1 or not names <= set(owning[0].layer_names):
-        raise UnsupportedModelError(
-            "clasp needs all decoder attention layers in one KV cache/attention group "
-            f"(found {len(owning)} groups)"
-        )
-    group = owning[0]
-    if getattr(group, "kernel_block_size", None) is not None:
-        raise UnsupportedModelError("clasp does not support kernel blocks smaller than KV cache blocks")
+    owners: dict[str, tuple[int, Any]] = {}
+    for gid, group_list in enumerate(runner.attn_groups):
+        for g in group_list:
+            for name in names & set(g.layer_names):
+                if name in owners:
+                    raise UnsupportedModelError(f"attention layer {name} is in more than one attention group")
+                owners[name] = (getattr(g, "kv_cache_group_id", gid), g)
+    missing = names - set(owners)
+    if missing:
+        raise UnsupportedModelError(f"clasp found no KV cache group for attention layers {sorted(missing)}")
+    group_ids: list[int] = []
+    groups: list[Any] = []
+    layer_group: list[int] = []
+    for name in stack.attn_names:
+        gid, g = owners[name]
+        if g not in groups:
+            if getattr(g, "kernel_block_size", None) is not None:
+                raise UnsupportedModelError("clasp does not support kernel blocks smaller than KV cache blocks")
+            groups.append(g)
+            group_ids.append(gid)
+        layer_group.append(groups.index(g))
+    if len(set(group_ids)) != len(group_ids):
+        raise UnsupportedModelError("clasp needs one attention backend per KV cache group")
     ctx = runner.compilation_config.static_forward_context
     kv_caches = {n: ctx[n].kv_cache for n in stack.attn_names}
     first = kv_caches[stack.attn_names[0]]
     if isinstance(first, (list, tuple)):
         kv_caches = {n: c[0] for n, c in kv_caches.items()}
-        first = kv_caches[stack.attn_names[0]]
-    block_size = group.kv_cache_spec.block_size
-    num_blocks = first.shape[0]
+    num_blocks = min(int(c.shape[0]) for c in kv_caches.values())
     scratch = list(range(num_blocks - num_scratch, num_blocks))
-    return KVGroup(group.get_metadata_builder(), block_size, kv_caches, scratch)
+    return KVGroup(
+        group_ids,
+        [g.get_metadata_builder() for g in groups],
+        [int(g.kv_cache_spec.block_size) for g in groups],
+        layer_group,
+        kv_caches,
+        scratch,
+    )
 
 
 def build_decode_metadata(
-    kv: KVGroup, seq_lens: torch.Tensor, block_table: torch.Tensor, slots: torch.Tensor
+    builder: Any, seq_lens: torch.Tensor, block_table: torch.Tensor, slots: torch.Tensor
 ) -> Any:
     """Backend metadata for ``n`` one-token queries (a decode batch)."""
     n = int(seq_lens.shape[0])
@@ -174,12 +257,19 @@ def build_decode_metadata(
         slot_mapping=slots.to(torch.int64),
         causal=True,
     )
-    return kv.builder.build(0, cam, fast_build=True)
+    return builder.build(0, cam, fast_build=True)
 
 
 def slots_for(block_table: torch.Tensor, positions: torch.Tensor, block_size: int) -> torch.Tensor:
     blk = block_table.gather(1, (positions // block_size).long().unsqueeze(1)).squeeze(1).long()
     return blk * block_size + (positions % block_size).long()
+
+
+def _per_group(kv: KVGroup, block_table: torch.Tensor) -> torch.Tensor:
+    """[n, groups, max_blocks]; a 2-D table (one group's rows) serves every group."""
+    if block_table.dim() == 2:
+        return block_table.unsqueeze(1).expand(-1, len(kv.group_ids), -1)
+    return block_table
 
 
 def draft_step(
@@ -195,15 +285,18 @@ def draft_step(
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """One draft token for each row: (logits [n, V'], token ids of the V' columns or None = all).
 
-    keep: [n, L] bool, which layers each row runs. Rows sharing a layer subset share metadata.
+    block_table: [n, groups, max_blocks] (see ``KVGroup.block_tables``).
+    keep: [n, L] bool, which layers each row runs. Rows sharing a layer subset and KV cache
+    group share metadata.
     """
     n = int(token_ids.shape[0])
+    block_table = _per_group(kv, block_table)
     seq_lens = (positions + 1).to(torch.int32)
-    slots = slots_for(block_table, positions, kv.block_size)
+    slots = [slots_for(block_table[:, g], positions, bs) for g, bs in enumerate(kv.block_sizes)]
     x = stack.embed(token_ids)
     all_rows = keep.all(dim=0)
     any_rows = keep.any(dim=0)
-    md_cache: dict[bytes, tuple[Any, torch.Tensor | None]] = {}
+    md_cache: dict[tuple[int, bytes], tuple[Any, torch.Tensor]] = {}
     md_by_layer: dict[str, Any] = {}
     slots_by_layer: dict[str, torch.Tensor] = {}
     rows_by_layer: list[torch.Tensor | None] = []
@@ -211,20 +304,21 @@ def draft_step(
         if not bool(any_rows[i]):
             rows_by_layer.append(None)
             continue
+        g = kv.layer_group[i]
         if bool(all_rows[i]):
-            key = b"all"
+            key = (g, b"all")
             rows = None
         else:
             col = keep[:, i]
-            key = col.numpy().tobytes()
+            key = (g, col.numpy().tobytes())
             rows = col.nonzero().squeeze(1)
         if key not in md_cache:
+            bt, sl = block_table[:, g], slots[g]
             if rows is None:
-                md = build_decode_metadata(kv, seq_lens, block_table, slots)
-                md_cache[key] = (md, slots)
+                md_cache[key] = (build_decode_metadata(kv.builders[g], seq_lens, bt, sl), sl)
             else:
-                md = build_decode_metadata(kv, seq_lens[rows], block_table[rows], slots[rows])
-                md_cache[key] = (md, slots[rows])
+                md = build_decode_metadata(kv.builders[g], seq_lens[rows], bt[rows], sl[rows])
+                md_cache[key] = (md, sl[rows])
         md, sl = md_cache[key]
         name = stack.attn_names[i]
         md_by_layer[name] = md
@@ -248,40 +342,42 @@ class ScratchLayerRunner:
     """``run_layer`` for the planner: candidate rows of one token at position ``pos``.
 
     Row k of a call writes its K/V into scratch block k (a copy of the sequence's block holding
-    ``pos``, so it sees the earlier positions of that block too) and reads the rest of the
-    sequence's blocks from the real cache. Nothing outside the scratch blocks is written.
+    ``pos`` in the layer's KV cache group, so it sees the earlier positions of that block too)
+    and reads the rest of the sequence's blocks from the real cache. Nothing outside the scratch
+    blocks is written.
     """
 
     def __init__(self, stack: LayerStack, kv: KVGroup, vllm_config: Any, pos: int, block_row: torch.Tensor):
         self.stack, self.kv, self.vllm_config = stack, kv, vllm_config
         self.pos = int(pos)
-        self.block_row = block_row
-        bs = kv.block_size
-        self.col = self.pos // bs
-        self.offset = self.pos % bs
-        self.tail_block = int(block_row[self.col])
-        self._md: dict[int, tuple[Any, torch.Tensor]] = {}
+        # [groups, max_blocks]; a 1-D row (one group's) serves every group
+        self.block_rows = _per_group(kv, block_row.unsqueeze(0))[0] if block_row.dim() == 1 else block_row
+        self._md: dict[tuple[int, int], tuple[Any, torch.Tensor]] = {}
 
-    def _metadata(self, r: int) -> tuple[Any, torch.Tensor]:
-        if r not in self._md:
+    def _metadata(self, r: int, g: int) -> tuple[Any, torch.Tensor]:
+        if (r, g) not in self._md:
             if r > len(self.kv.scratch_block_ids):
                 raise RuntimeError(f"planner needs {r} scratch blocks, {len(self.kv.scratch_block_ids)} reserved")
-            scratch = torch.tensor(self.kv.scratch_block_ids[:r], dtype=self.block_row.dtype)
-            bt = self.block_row.unsqueeze(0).repeat(r, 1)
-            bt[:, self.col] = scratch
-            slots = scratch.long() * self.kv.block_size + self.offset
+            bs, row = self.kv.block_sizes[g], self.block_rows[g]
+            scratch = torch.tensor(self.kv.scratch_block_ids[:r], dtype=row.dtype)
+            bt = row.unsqueeze(0).repeat(r, 1)
+            bt[:, self.pos // bs] = scratch
+            slots = scratch.long() * bs + self.pos % bs
             seq_lens = torch.full((r,), self.pos + 1, dtype=torch.int32)
-            self._md[r] = (build_decode_metadata(self.kv, seq_lens, bt, slots), slots)
-        return self._md[r]
+            self._md[(r, g)] = (build_decode_metadata(self.kv.builders[g], seq_lens, bt, slots), slots)
+        return self._md[(r, g)]
 
     def __call__(self, i: int, states: torch.Tensor, rows: Sequence[int]) -> torch.Tensor:
         r = int(states.shape[0])
-        md, slots = self._metadata(r)
+        g = self.kv.layer_group[i]
+        md, slots = self._metadata(r, g)
         name = self.stack.attn_names[i]
-        if self.offset > 0:
+        bs = self.kv.block_sizes[g]
+        if self.pos % bs > 0:
             cache = self.kv.kv_caches[name]
             ids = self.kv.scratch_block_ids[:r]
-            cache[ids[0] : ids[0] + r] = cache[self.tail_block].unsqueeze(0)
+            tail = int(self.block_rows[g, self.pos // bs])
+            cache[ids[0] : ids[0] + r] = cache[tail].unsqueeze(0)
         positions = torch.full((r,), self.pos, dtype=torch.int64)
         with set_forward_context({name: md}, self.vllm_config, num_tokens=r, slot_mapping={name: slots}):
             return self.stack.run_layer(i, positions, states)

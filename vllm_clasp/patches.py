@@ -12,7 +12,8 @@ CLaSp rides on vLLM's ``custom_class`` speculative method:
 * ClaspGraphHash: compiled-graph cache key differs from plain runs (the graph returns every
   layer's hidden state).
 * CaptureAllLayerHiddenStates: the verification forward returns x_0..x_L (vLLM's EAGLE-3 aux
-  hidden-state outputs, asked for every layer).
+  hidden-state outputs, asked for every layer, through the model family's ``drafting`` adapter).
+* Gemma3AllLayerHiddenStates: the same aux outputs for Gemma3Model, which lacks them in 0.32.
 * RouteClaspProposals: the runner calls ClaspProposer.propose_from_runner with the runner, the
   verification metadata and those hidden states.
 * ReserveScratchKVBlocks: the scheduler is given a few KV blocks fewer than the workers allocate;
@@ -191,19 +192,63 @@ class CaptureAllLayerHiddenStates(VllmPatch):
         def setup(self) -> None:
             if not _runner_is_clasp(self):
                 return original(self)
-            from vllm.model_executor.models.interfaces import supports_eagle3
+            from vllm_clasp.drafting import layer_stack
 
-            model = self.get_model()
-            if not supports_eagle3(model):
-                raise RuntimeError(
-                    f"clasp needs per-layer hidden states, which {type(model).__name__} cannot "
-                    "return (it does not implement vLLM's SupportsEagle3 interface)"
-                )
-            num_layers = len(model.model.layers)
-            model.set_aux_hidden_state_layers(tuple(range(num_layers + 1)))
+            layer_stack(self.get_model()).capture_all_layers()
             self.use_aux_hidden_state_outputs = True
 
         return setup
+
+
+class Gemma3AllLayerHiddenStates(VllmPatch):
+    """vLLM 0.32's Gemma3Model has no EAGLE-3 aux outputs: return x_0..x_L when clasp asks.
+
+    The replacement is vLLM's ``Gemma3Model.forward`` (same loop, same pipeline-stage handling)
+    that, when ``clasp_aux_layers`` is set on the model (by ``drafting.Gemma3Stack``), also
+    collects ``out + residual`` after the layers named there (0 = the scaled embedding) and
+    returns ``(hidden_states, aux)`` like the models with EAGLE-3 support. Unset, it computes
+    exactly what vLLM's does. It is a whole function, not a wrapper, and carries vLLM's
+    qualified name: torch.compile's AOT cache pickles the compiled forward by reference, which
+    fails for a wrapper that closes over the replaced function.
+    """
+
+    @classmethod
+    def target(cls):
+        from vllm.model_executor.models.gemma3 import Gemma3Model
+
+        return Gemma3Model, "forward"
+
+    @classmethod
+    def build(cls, original: Callable) -> Callable:
+        from itertools import islice
+
+        from vllm.distributed import get_pp_group
+        from vllm.sequence import IntermediateTensors
+
+        def forward(self, input_ids, positions, intermediate_tensors=None, inputs_embeds=None, **kwargs):
+            layers = getattr(self, "clasp_aux_layers", ())
+            if get_pp_group().is_first_rank:
+                hidden_states = inputs_embeds if inputs_embeds is not None else self.embed_input_ids(input_ids)
+                residual = None
+            else:
+                assert intermediate_tensors is not None
+                hidden_states = intermediate_tensors["hidden_states"]
+                residual = intermediate_tensors["residual"]
+            aux = [hidden_states] if 0 in layers else []
+            for idx, layer in enumerate(islice(self.layers, self.start_layer, self.end_layer), start=self.start_layer):
+                hidden_states, residual = layer(positions, hidden_states, residual, **kwargs)
+                if idx + 1 in layers:
+                    aux.append(hidden_states + residual)
+            if not get_pp_group().is_last_rank:
+                return IntermediateTensors({"hidden_states": hidden_states, "residual": residual})
+            hidden_states, _ = self.norm(hidden_states, residual)
+            return (hidden_states, aux) if layers else hidden_states
+
+        forward.__module__ = original.__module__
+        forward.__qualname__ = original.__qualname__
+        forward.__doc__ = original.__doc__
+        forward.__annotations__ = dict(getattr(original, "__annotations__", {}))
+        return forward
 
 
 class RouteClaspProposals(VllmPatch):
@@ -363,6 +408,7 @@ ALL_PATCHES: tuple[type[VllmPatch], ...] = (
     ClaspLookaheadSlots,
     ClaspGraphHash,
     CaptureAllLayerHiddenStates,
+    Gemma3AllLayerHiddenStates,
     RouteClaspProposals,
     ReserveScratchKVBlocks,
     FixCpuExpandBatchToTokens,

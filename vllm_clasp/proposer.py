@@ -28,7 +28,7 @@ from vllm.logger import init_logger
 from vllm_clasp.config import PARAMS_ATTR, ClaspConfig
 from vllm_clasp.governor import LOOKUP, PLAIN, SKIP, Governor
 from vllm_clasp.lookup import lookup_draft
-from vllm_clasp.drafting import DraftHead, KVGroup, LayerStack, ScratchLayerRunner, draft_step, kv_group_from_runner
+from vllm_clasp.drafting import DraftHead, KVGroup, LayerStack, ScratchLayerRunner, draft_step, kv_group_from_runner, layer_stack
 from vllm_clasp.planner import plan_skip_layers, skip_mask
 
 logger = init_logger(f"vllm.{__name__}")
@@ -95,7 +95,7 @@ class ClaspProposer:
     # -------------------------------------------------------------------------------------
     def _bind_model(self, model: Any) -> None:
         if self.stack is None or self.stack.model is not model:
-            self.stack = LayerStack(model)
+            self.stack = layer_stack(model)
             self.head = DraftHead(self.stack, self.cfg.draft_vocab)
             self.num_skip = self.cfg.num_skip(self.stack.num_layers)
             self.kv = None
@@ -132,7 +132,7 @@ class ClaspProposer:
         num_tokens = np.asarray(batch.num_tokens_no_spec[:n], dtype=np.int64)
         qsl = common_attn_metadata.query_start_loc_cpu[: n + 1].numpy().astype(np.int64)
         spec_tokens = scheduler_output.scheduled_spec_decode_tokens
-        block_table = common_attn_metadata.block_table_tensor[:n]
+        block_table = kv.block_tables(runner, n)  # [n, KV cache groups, blocks]
 
         active: list[int] = []
         last_idx: dict[int, int] = {}
