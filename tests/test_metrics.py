@@ -92,6 +92,13 @@ def test_worker_method_and_metrics_patches():
     reg = vm.get_prometheus_registry()
     assert metrics.COLLECTOR in reg._collector_to_names
     assert vm.get_prometheus_registry() is reg  # registered once
+    # Every /metrics route (the instrumentator's GET route, matched first, and the mount) refreshes.
+    from fastapi import FastAPI
+
+    app = FastAPI()
+    vm.attach_router(app)
+    routes = [r for r in app.routes if getattr(r, "path", None) == "/metrics"]
+    assert len(routes) >= 1 and all(isinstance(r.app, metrics.RefreshingMetricsApp) for r in routes)
 
 
 def test_async_scheduling_refused_clearly(default_model):

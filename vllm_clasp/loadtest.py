@@ -288,7 +288,8 @@ def run_method(name: str, model: str, spec: dict[str, Any] | None, reqs: Sequenc
     blocks = args.num_gpu_blocks + (scratch_blocks(model, spec) if spec is not None else 0)
     extra = ["--max-model-len", str(args.max_model_len), "--max-num-seqs", str(args.max_num_seqs),
              "--num-gpu-blocks-override", str(blocks), "--max-num-batched-tokens", str(args.max_num_batched_tokens)]
-    srv = LocalServer(model, spec, out_dir / "logs", extra, name=name)
+    srv = LocalServer(model, spec, out_dir / "logs", extra, name=name,
+                      env={"VLLM_CPU_KVCACHE_SPACE": str(args.kv_cache_gib)})
     try:
         srv.wait(args.start_timeout)
         # Warm-up outside the measurement.
@@ -403,6 +404,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--num-gpu-blocks", type=int, default=8,
                    help=f"KV blocks ({BLOCK_SIZE_CPU} tokens each on CPU) the scheduler gets; small forces preemption")
     p.add_argument("--max-model-len", type=int, default=1024)
+    p.add_argument("--kv-cache-gib", type=int, default=1, help="VLLM_CPU_KVCACHE_SPACE for the servers (CPU)")
     p.add_argument("--max-num-seqs", type=int, default=16)
     p.add_argument("--max-num-batched-tokens", type=int, default=512, help="small values chunk long prefills")
     p.add_argument("--prompt-chars", type=int, default=1200, help="Spec-Bench questions cut to this many characters")

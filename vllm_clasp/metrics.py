@@ -5,7 +5,7 @@ its ``ClaspStats``) lives in the worker — inside the engine-core process with 
 in separate worker processes with the multiprocessing executor, possibly on other nodes with Ray —
 while ``/metrics`` is answered by the API-server process.
 
-Route (vLLM 0.32): pull at scrape time. The ``/metrics`` handler (wrapped by the
+Route (vLLM 0.32): pull at scrape time. The ``/metrics`` handlers (wrapped by the
 ``RefreshClaspMetricsOnScrape`` patch) first asks the engine for the drafter's counters with
 vLLM's own ``engine_client.collective_rpc("clasp_stats")``, which reaches every worker through
 whatever executor runs them (``WorkerBase.clasp_stats``, added by the ``AddWorkerClaspStats``
@@ -232,7 +232,12 @@ async def refresh(engine_client: Any) -> bool:
     try:
         results = await asyncio.wait_for(engine_client.collective_rpc(RPC_METHOD), RPC_TIMEOUT_S)
     except Exception as e:  # noqa: BLE001 - serve the last values rather than fail /metrics
-        COLLECTOR.last_error = f"{type(e).__name__}: {e}"
+        err = f"{type(e).__name__}: {e}"
+        if err != COLLECTOR.last_error:
+            from vllm.logger import init_logger
+
+            init_logger("vllm.vllm_clasp").warning("clasp metrics: could not read the drafter's counters: %s", err)
+        COLLECTOR.last_error = err
         return False
     snaps = [r for r in (results or []) if isinstance(r, dict)]
     if not snaps:
@@ -246,7 +251,7 @@ async def refresh(engine_client: Any) -> bool:
 
 
 class RefreshingMetricsApp:
-    """ASGI wrapper for vLLM's ``/metrics`` mount: refresh clasp's numbers, then render."""
+    """ASGI wrapper for vLLM's ``/metrics`` routes: refresh clasp's numbers, then render."""
 
     def __init__(self, inner: Any) -> None:
         self.inner = inner

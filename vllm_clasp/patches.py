@@ -352,7 +352,7 @@ class ClaspMetricsRegistry(VllmPatch):
 
 
 class RefreshClaspMetricsOnScrape(VllmPatch):
-    """Wrap the ``/metrics`` mount: each scrape first pulls the drafter's counters from the workers
+    """Wrap the ``/metrics`` routes: each scrape first pulls the drafter's counters from the workers
     (``collective_rpc("clasp_stats")``, a few ms between two engine steps)."""
 
     @classmethod
@@ -366,12 +366,11 @@ class RefreshClaspMetricsOnScrape(VllmPatch):
         @functools.wraps(original)
         def attach_router(app) -> None:
             original(app)
-            from starlette.routing import Mount
-
             from vllm_clasp.metrics import RefreshingMetricsApp
 
+            # Both the instrumentator's GET /metrics route (matched first) and the /metrics mount.
             for route in app.routes:
-                if isinstance(route, Mount) and route.path == "/metrics":
+                if getattr(route, "path", None) == "/metrics" and hasattr(route, "app"):
                     if not isinstance(route.app, RefreshingMetricsApp):
                         route.app = RefreshingMetricsApp(route.app)
 
