@@ -285,7 +285,8 @@ COUNTERS = {
 
 def run_method(name: str, model: str, spec: dict[str, Any] | None, reqs: Sequence[Req], args: Any,
                out_dir: Path) -> dict[str, Any]:
-    blocks = args.num_gpu_blocks + (scratch_blocks(model, spec) if spec is not None else 0)
+    # + 1: vLLM keeps block 0 as its null block; clasp also holds back its planner scratch.
+    blocks = args.num_gpu_blocks + 1 + (scratch_blocks(model, spec) if spec is not None else 0)
     extra = ["--max-model-len", str(args.max_model_len), "--max-num-seqs", str(args.max_num_seqs),
              "--num-gpu-blocks-override", str(blocks), "--max-num-batched-tokens", str(args.max_num_batched_tokens)]
     srv = LocalServer(model, spec, out_dir / "logs", extra, name=name,
