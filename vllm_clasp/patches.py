@@ -18,6 +18,12 @@ CLaSp rides on vLLM's ``custom_class`` speculative method:
   verification metadata and those hidden states.
 * ReserveScratchKVBlocks: the scheduler is given a few KV blocks fewer than the workers allocate;
   the planner uses the rest as scratch.
+* AddWorkerClaspStats: ``WorkerBase.clasp_stats()``, the drafter's counters, for
+  ``collective_rpc("clasp_stats")`` (see metrics.py).
+* ClaspMetricsRegistry (API server): the registry vLLM serves on ``/metrics`` also holds clasp's
+  collector.
+* RefreshClaspMetricsOnScrape (API server): ``/metrics`` first pulls the counters from the workers.
+* RefuseAsyncSchedulingWithClasp (process 0): a clear start-up error for ``--async-scheduling``.
 * FixCpuExpandBatchToTokens (CPU only): vLLM's CPU rejection sampler expands per-request
   temperature/top-k/top-p into an int64 *copy* and returns the uninitialised original, so every
   sampled speculative request (ngram's too) is verified against garbage-tempered logits.
@@ -73,7 +79,7 @@ class VllmPatch:
         if cls.applied():
             return
         owner, attr = cls.target()
-        current = owner.__dict__.get(attr, getattr(owner, attr))
+        current = owner.__dict__.get(attr, getattr(owner, attr, None))
         new = cls.build(current)
         marker = new.fget if isinstance(new, property) else new
         marker.__clasp_patch__ = cls.__name__
@@ -83,17 +89,20 @@ class VllmPatch:
     @classmethod
     def applied(cls) -> bool:
         owner, attr = cls.target()
-        cur = owner.__dict__.get(attr, getattr(owner, attr))
+        cur = owner.__dict__.get(attr, getattr(owner, attr, None))
         cur = cur.fget if isinstance(cur, property) else cur
         return getattr(cur, "__clasp_patch__", None) == cls.__name__
 
     @classmethod
     def revert(cls) -> None:
         owner, attr = cls.target()
-        cur = owner.__dict__.get(attr, getattr(owner, attr))
+        cur = owner.__dict__.get(attr, getattr(owner, attr, None))
         marker = cur.fget if isinstance(cur, property) else cur
         if getattr(marker, "__clasp_patch__", None) == cls.__name__:
-            setattr(owner, attr, marker.__clasp_original__)
+            if marker.__clasp_original__ is None:  # the attribute was added by the patch
+                delattr(owner, attr)
+            else:
+                setattr(owner, attr, marker.__clasp_original__)
 
 
 class RewriteClaspSpeculativeConfig(VllmPatch):
@@ -344,6 +353,101 @@ class ReserveScratchKVBlocks(VllmPatch):
         return _initialize_kv_caches
 
 
+class AddWorkerClaspStats(VllmPatch):
+    """``worker.clasp_stats()``: the drafter's counters, reachable by ``collective_rpc`` from any
+    executor (in-process, multiprocessing, Ray). None on workers without a clasp drafter."""
+
+    @classmethod
+    def target(cls):
+        from vllm.v1.worker.worker_base import WorkerBase
+
+        return WorkerBase, "clasp_stats"
+
+    @classmethod
+    def build(cls, original: Callable | None) -> Callable:
+        def clasp_stats(self) -> dict | None:
+            from vllm_clasp.metrics import worker_clasp_stats
+
+            return worker_clasp_stats(self)
+
+        return clasp_stats
+
+
+class ClaspMetricsRegistry(VllmPatch):
+    """The registry the API server serves on ``/metrics`` (the default one, or the multiprocess
+    one with several API servers) also holds clasp's collector (empty unless clasp runs)."""
+
+    @classmethod
+    def target(cls):
+        from vllm.entrypoints.serve.instrumentator import metrics
+
+        return metrics, "get_prometheus_registry"
+
+    @classmethod
+    def build(cls, original: Callable) -> Callable:
+        @functools.wraps(original)
+        def get_prometheus_registry():
+            from vllm_clasp.metrics import register_collector
+
+            return register_collector(original())
+
+        return get_prometheus_registry
+
+
+class RefreshClaspMetricsOnScrape(VllmPatch):
+    """Wrap the ``/metrics`` routes: each scrape first pulls the drafter's counters from the workers
+    (``collective_rpc("clasp_stats")``, a few ms between two engine steps)."""
+
+    @classmethod
+    def target(cls):
+        from vllm.entrypoints.serve.instrumentator import metrics
+
+        return metrics, "attach_router"
+
+    @classmethod
+    def build(cls, original: Callable) -> Callable:
+        @functools.wraps(original)
+        def attach_router(app) -> None:
+            original(app)
+            from vllm_clasp.metrics import RefreshingMetricsApp
+
+            # Both the instrumentator's GET /metrics route (matched first) and the /metrics mount.
+            for route in app.routes:
+                if getattr(route, "path", None) == "/metrics" and hasattr(route, "app"):
+                    if not isinstance(route.app, RefreshingMetricsApp):
+                        route.app = RefreshingMetricsApp(route.app)
+
+        return attach_router
+
+
+class RefuseAsyncSchedulingWithClasp(VllmPatch):
+    """vLLM refuses async scheduling for ``custom_class`` drafters with a message that names
+    ``custom_class``; say ``clasp`` and why, before anything else starts."""
+
+    @classmethod
+    def target(cls):
+        from vllm.engine.arg_utils import EngineArgs
+
+        return EngineArgs, "create_engine_config"
+
+    @classmethod
+    def build(cls, original: Callable) -> Callable:
+        @functools.wraps(original)
+        def create_engine_config(self, *args: Any, **kwargs: Any):
+            sc = self.speculative_config
+            if isinstance(sc, dict) and str(sc.get("method")) == METHOD and getattr(self, "async_scheduling", None):
+                from vllm_clasp.config import ClaspConfigError
+
+                raise ClaspConfigError(
+                    "speculative_config method 'clasp' cannot run with async scheduling "
+                    "(--async-scheduling): the drafter needs the verified tokens and hidden states "
+                    "of step t before step t+1 is scheduled. Leave async scheduling off."
+                )
+            return original(self, *args, **kwargs)
+
+        return create_engine_config
+
+
 class FixCpuExpandBatchToTokens(VllmPatch):
     """vLLM 0.32 CPU bug: ``expand_batch_to_tokens`` runs ``cpu_triton_utils._expand_kernel_impl``,
     which converts the float output buffer to int64, fills the copy and drops it, leaving
@@ -413,6 +517,10 @@ ALL_PATCHES: tuple[type[VllmPatch], ...] = (
     ReserveScratchKVBlocks,
     FixCpuExpandBatchToTokens,
     SkipSamplingConstraintsWithoutDrafts,
+    AddWorkerClaspStats,
+    ClaspMetricsRegistry,
+    RefreshClaspMetricsOnScrape,
+    RefuseAsyncSchedulingWithClasp,
 )
 
 

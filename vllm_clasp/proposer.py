@@ -29,6 +29,7 @@ from vllm_clasp.config import PARAMS_ATTR, ClaspConfig
 from vllm_clasp.governor import LOOKUP, PLAIN, SKIP, Governor
 from vllm_clasp.lookup import lookup_draft
 from vllm_clasp.drafting import DraftHead, KVGroup, LayerStack, ScratchLayerRunner, draft_step, kv_group_from_runner, layer_stack
+from vllm_clasp.metrics import observe_plan
 from vllm_clasp.planner import plan_skip_layers, skip_mask
 
 logger = init_logger(f"vllm.{__name__}")
@@ -56,6 +57,7 @@ class ClaspStats:
     lookup_rounds: int = 0  # sequence-rounds drafted from the context (no layer-skip draft)
     lookup_tokens: int = 0
     skipped_hist: dict[int, int] = field(default_factory=dict)
+    plan_s_hist: dict[float, int] = field(default_factory=dict)  # see metrics.observe_plan
 
 
 class ClaspProposer:
@@ -220,7 +222,9 @@ class ClaspProposer:
         st.rounds_since_plan = 0
         self.fallback_keep = keep
         self.stats.plans += 1
-        self.stats.plan_s += time.perf_counter() - t0
+        dt = time.perf_counter() - t0
+        self.stats.plan_s += dt
+        observe_plan(self.stats, dt)
         self.stats.skipped_hist[len(skipped)] = self.stats.skipped_hist.get(len(skipped), 0) + 1
         logger.debug("clasp plan for %s at position %d: skip layers %s", rid, pos, skipped)
 
