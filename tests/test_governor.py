@@ -90,3 +90,16 @@ def test_step_cost_fit_recovers_slope_and_keeps_prior_shape_on_one_size():
     for _ in range(5):
         one.add(1, 0.06)
     assert abs(one(1) - 0.06) < 1e-9 and one(10) > one(1)
+
+
+def test_exploration_moves_on_when_steps_are_never_measurable():
+    """Under constant arrivals every step holds a prefill: the governor must not stay on its first
+    exploration arm (plain, at larger batches) for ever."""
+    g = Governor()
+    chosen = []
+    for t in range(60):
+        g.observe(8, measurable=False, now=float(t))
+        a = g.decide(8)
+        chosen.append(a)
+        g.finish(a, 8, 0.0, now=float(t))
+    assert {LOOKUP, SKIP} <= set(chosen[12:])

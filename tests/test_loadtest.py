@@ -14,7 +14,10 @@ def test_loadtest_small(tmp_path):
     out = tmp_path / "lt"
     p = subprocess.run([sys.executable, "-m", "vllm_clasp.cli", "loadtest", "--requests", "10", "--concurrency", "4",
                         "--max-tokens", "64", "--prompt-chars", "400", "--max-model-len", "256", "--num-gpu-blocks", "2",
-                        "--abort-frac", "0.3", "--arrival-s", "2", "--out", str(out)],
+                        "--abort-frac", "0.3", "--arrival-s", "2", "--out", str(out),
+                        # Drafting forced on: the point is drafting under preemption and aborts
+                        # (with the governor on, this tiny, prefill-bound load may never draft).
+                        "--clasp-config", '{"adaptive": false}'],
                        capture_output=True, text=True, timeout=1200)
     assert (out / "loadtest.md").exists(), p.stdout[-3000:] + p.stderr[-3000:]
     report = json.loads((out / "loadtest.json").read_text())

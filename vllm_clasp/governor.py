@@ -164,7 +164,10 @@ class Governor:
         # once a batch is large, since a bad draft costs most there.
         order = self.arms if num_seqs <= 2 else tuple(sorted(self.arms))
         for a in order:
-            if self.arm(a).steps < self.min_steps or (a == PLAIN and not self.verify.known):
+            # Steps holding a prefill are not measured; under constant arrivals an arm may never
+            # be, so move on after a few unmeasured tries (the model then falls back to priors).
+            tried = self.steps_by_arm.get(a, 0) >= 4 * self.min_steps
+            if not tried and (self.arm(a).steps < self.min_steps or (a == PLAIN and not self.verify.known)):
                 return a
         rates = {a: self.predicted_rate(a, num_seqs) for a in self.arms}
         best = max(self.arms, key=lambda a: rates[a])
