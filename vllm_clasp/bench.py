@@ -299,31 +299,23 @@ def _fmt(x: Any, spec: str = ".2f") -> str:
 def markdown(summary: dict[str, Any], header: str) -> str:
     t, groups = summary["table"], summary["groups"]
     lines = [header, ""]
-    lines.append("Speedup over plain vLLM (mean of repeats, range in brackets):")
-    lines.append("")
-    lines.append("| method | " + " | ".join(groups) + " |")
-    lines.append("|---|" + "---|" * len(groups))
-    for name, rows in t.items():
-        cells = []
-        for g in groups:
-            r = rows.get(g)
-            if r is None or "speedup" not in r:
-                cells.append("-")
-            else:
-                cells.append(f"{r['speedup']:.2f} [{r['speedup_min']:.2f}–{r['speedup_max']:.2f}]")
-        lines.append(f"| {name} | " + " | ".join(cells) + " |")
-    lines += ["", "Tokens/s, τ (tokens per step) and draft acceptance:", ""]
-    lines.append("| method | " + " | ".join(groups) + " |")
-    lines.append("|---|" + "---|" * len(groups))
-    for name, rows in t.items():
-        cells = []
-        for g in groups:
-            r = rows.get(g)
-            cells.append("-" if r is None else f"{r['tokens_per_s']:.1f} tok/s, τ {r['tau']:.2f}, acc {_fmt(r['acceptance'])}")
-        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    def table(title: str, cell) -> list[str]:
+        out = [title, "", "| method | " + " | ".join(groups) + " |", "|---|" + "---|" * len(groups)]
+        for name, rows in t.items():
+            out.append(f"| {name} | " + " | ".join("-" if rows.get(g) is None else cell(rows[g]) for g in groups) + " |")
+        return out + [""]
+
+    lines += table(
+        "Speedup over plain vLLM (mean of repeats, range in brackets):",
+        lambda r: f"{r['speedup']:.2f} [{r['speedup_min']:.2f}–{r['speedup_max']:.2f}]" if "speedup" in r else "-",
+    )
+    lines += table(
+        "Tokens/s, τ (tokens per step) and draft acceptance:",
+        lambda r: f"{r['tokens_per_s']:.1f} tok/s, τ {r['tau']:.2f}, acc {_fmt(r['acceptance'])}",
+    )
     ident = [(n, rows["Overall"].get("identical")) for n, rows in t.items() if rows.get("Overall", {}).get("identical") is not None]
     if ident:
-        lines += ["", "Outputs token-identical to plain vLLM: " + ", ".join(f"{n} {100 * v:.0f} %" for n, v in ident)]
+        lines += ["Outputs token-identical to plain vLLM: " + ", ".join(f"{n} {100 * v:.0f} %" for n, v in ident)]
     for name, rows in t.items():
         c = rows.get("Overall", {}).get("clasp")
         if not c:
