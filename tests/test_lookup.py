@@ -1,6 +1,6 @@
 import numpy as np
 
-from vllm_clasp.lookup import lookup_draft
+from vllm_clasp.lookup import LookupAcceptance, lookup_draft, lookup_match
 
 
 def t(*xs):
@@ -20,3 +20,49 @@ def test_bounds():
     assert lookup_draft(t(1, 2), 2, 2, 5).tolist() == []
     assert lookup_draft(t(5, 5, 5, 5), 1, 1, 2).tolist() == [5]
     assert lookup_draft(t(1, 2, 3, 1, 2), 2, 3, 0).tolist() == []
+
+
+def test_match_length_is_reported_and_capped_at_max_n():
+    seq = t(1, 2, 3, 9, 9, 5, 2, 3, 7, 8, 6, 1, 2, 3)
+    d, n = lookup_match(seq, 1, 3, 2)
+    assert (d.tolist(), n) == ([9, 9], 3)
+    d, n = lookup_match(seq, 1, 2, 2)
+    assert (d.tolist(), n) == ([7, 8], 2)  # the most recent of the matches of length 2
+    assert lookup_match(t(4, 1, 2, 3), 1, 5, 3)[1] == 0
+
+
+def test_matches_a_brute_force_search():
+    rng = np.random.default_rng(0)
+    for _ in range(3000):
+        seq = rng.integers(0, int(rng.integers(1, 5)), size=int(rng.integers(1, 30)))
+        mn = int(rng.integers(1, 4))
+        mx, k = int(rng.integers(mn, 7)), int(rng.integers(1, 6))
+        want, want_n = np.zeros(0, dtype=seq.dtype), 0
+        for n in range(min(mx, len(seq) - 1), mn - 1, -1):
+            ends = [e for e in range(n - 1, len(seq) - 1) if (seq[e - n + 1 : e + 1] == seq[len(seq) - n :]).all()]
+            if ends:
+                want, want_n = seq[ends[-1] + 1 : ends[-1] + 1 + k], n
+                break
+        got, got_n = lookup_match(seq, mn, mx, k)
+        assert got.tolist() == want.tolist() and got_n == want_n
+
+
+def test_drafts_are_cut_where_acceptance_falls_below_the_price():
+    acc = LookupAcceptance(explore_every=10**9)
+    assert acc.keep(False, 1, 6, 0.5) == 6  # optimistic before anything is measured
+    for _ in range(200):
+        acc.update(False, 1, 6, 0)  # 1-gram drafts: first token always rejected
+        acc.update(False, 5, 6, 6)  # 5-gram drafts: all accepted
+    assert acc.keep(False, 1, 6, 0.3) == 0
+    assert acc.keep(False, 1, 6, 0.0) == 6  # free verification: propose everything
+    assert acc.keep(False, 5, 6, 0.3) == 6
+    assert acc.keep(True, 1, 6, 0.3) == 6  # sampled requests are measured apart
+    assert (False, 1, 1) not in acc.trials  # a token after a rejected one is never counted
+
+
+def test_cut_classes_are_still_explored_now_and_then():
+    acc = LookupAcceptance(explore_every=4)
+    for _ in range(50):
+        acc.update(False, 1, 3, 0)
+    kept = [acc.keep(False, 1, 3, 0.3) for _ in range(8)]
+    assert kept.count(3) == 2 and kept.count(0) == 6

@@ -1,20 +1,24 @@
-"""Choose, step by step, how much to speculate — from costs and acceptance measured online.
+"""Decide, step by step, how much to speculate — from costs and acceptance measured online.
 
-Three arms: ``SKIP`` (layer-skip drafts, plus context drafts), ``LOOKUP`` (zero-cost context drafts
-only) and ``PLAIN`` (no drafts). Rather than timing each arm at each batch size (which a short run
-never amortises), the governor keeps a small cost model whose parts do not depend on batch size:
+Every draft token is priced in the same unit, tokens of output:
 
-* verification: seconds of an engine step against the tokens it scheduled, ``t(T) = a + b·T``
-  (least squares over every measured step, older steps decaying);
-* per arm and sequence-round: tokens committed ``τ``, tokens drafted ``d``, and drafting seconds as
-  a multiple ``κ`` of a plain step at the same batch size (a draft step is a forward over the
-  same rows with fewer layers).
+* verifying one more token adds ``b`` seconds to a step (the step cost model below); at the rate
+  the engine makes tokens now, that is ``price = b · rate`` tokens. A token is worth proposing
+  only if its chance of being accepted is above that price.
+* context drafts (lookup.py) cost nothing to make; each is cut where its measured acceptance, by
+  n-gram length and position, falls below the price (``token_price``).
+* layer-skip drafts cost draft forwards and plans. They are used for the sequences that have no
+  paying context draft while, measured on exactly those rows,
+  ``accepted tokens > price · drafted tokens + drafting seconds · rate`` (``use_skip``). While they
+  do not pay, a couple of steps re-measure them now and then, less often each time they still do
+  not (the workload may change).
 
-The predicted rate of an arm at ``B`` sequences is ``B·τ / (t(B·(1+d)) + κ·t(B))``; the governor
-takes the best, and now and then probes an arm that comes within reach so its figures stay fresh.
-Steps containing a prefill are not measured. On this CPU a step is compute-bound from a few
-tokens on, so verification's marginal cost ``b`` is large and the model turns drafting off at large
-batches, and on where acceptance is high; on a GPU ``b`` is near zero and drafting stays on.
+Step cost: ``t(T) = a + b·T`` for a step that verified ``T`` tokens, by decayed least squares over
+measured steps (those without a prefill); ``b = 0`` where steps of every size took as long (batch
+size 1 on this CPU, up to ~7 tokens). Nothing depends on batch size except through ``T``, so
+nothing is re-learned when it changes. On this CPU ``b`` is a good share of a step from a few
+sequences on, so drafting narrows to the surest tokens at large batches; on a GPU ``b`` is near
+zero and drafting stays wide.
 """
 
 from __future__ import annotations
@@ -23,7 +27,6 @@ import time
 from dataclasses import dataclass, field
 
 SKIP, LOOKUP, PLAIN = 2, 1, 0
-ARMS = (SKIP, LOOKUP, PLAIN)
 ARM_NAMES = {SKIP: "layer-skip", LOOKUP: "context", PLAIN: "plain"}
 
 
@@ -62,6 +65,9 @@ class StepCost:
             a = my - b * mx
             if b > 0 and a > 0:
                 return a, b
+            if b <= 0 < my:
+                # Steps of every size took as long: verified tokens are free here.
+                return my, 0.0
         # One step size seen so far (or a fit that makes no sense): keep the prior shape.
         a = my / (1.0 + self.prior_slope * mx)
         return a, self.prior_slope * a
@@ -72,27 +78,19 @@ class StepCost:
 
 
 @dataclass
-class ArmStats:
-    """Per sequence-round: committed tokens, drafted tokens, drafting cost in plain steps."""
+class RoundStats:
+    """Decayed per-row-round means: tokens committed, tokens drafted."""
 
-    decay: float = 0.9
+    decay: float = 0.95
     w: float = 0.0
     committed: float = 0.0
     drafted: float = 0.0
-    w_cost: float = 0.0
-    cost: float = 0.0
-    steps: int = 0
 
     def add(self, rows: int, committed: float, drafted: float) -> None:
         d = self.decay
         self.w = self.w * d + rows
         self.committed = self.committed * d + committed
         self.drafted = self.drafted * d + drafted
-        self.steps += 1
-
-    def add_cost(self, plain_steps: float) -> None:
-        self.w_cost = self.w_cost * self.decay + 1.0
-        self.cost = self.cost * self.decay + plain_steps
 
     @property
     def tau(self) -> float:
@@ -102,96 +100,127 @@ class ArmStats:
     def drafts(self) -> float:
         return self.drafted / self.w if self.w > 0 else 0.0
 
-    @property
-    def kappa(self) -> float:
-        return self.cost / self.w_cost if self.w_cost > 0 else 0.0
+
+@dataclass
+class SkipValue:
+    """Layer-skip drafts, per row that got them: tokens accepted, drafted, seconds spent making them."""
+
+    decay: float = 0.9
+    rows: float = 0.0
+    accepted: float = 0.0
+    drafted: float = 0.0
+    seconds: float = 0.0
+    steps: int = 0
+
+    def add(self, rows: int, drafted: int, accepted: int, seconds: float) -> None:
+        d = self.decay
+        self.rows = self.rows * d + rows
+        self.drafted = self.drafted * d + drafted
+        self.accepted = self.accepted * d + accepted
+        self.seconds = self.seconds * d + seconds
+        self.steps += 1
+
+    def forget(self, keep: float) -> None:
+        """Weigh what was measured before by ``keep``: it is stale after a long pause."""
+        self.rows *= keep
+        self.drafted *= keep
+        self.accepted *= keep
+        self.seconds *= keep
+
+    def value(self, price: float, rate: float) -> float:
+        """Tokens gained per drafted row, net of verifying the drafts and of the engine's time."""
+        if self.rows <= 0:
+            return 0.0
+        return (self.accepted - price * self.drafted - self.seconds * rate) / self.rows
 
 
 @dataclass
 class Governor:
     enabled: bool = True
-    arms: tuple[int, ...] = ARMS
     min_steps: int = 3
-    """Measured steps an arm needs (at any batch size) before the model trusts its figures."""
+    """Measured layer-skip steps before their value is trusted."""
     probe_every: int = 40
-    probe_len: int = 2
-    probe_reach: float = 0.8
-    """Arms predicted at least this share of the best are probed every ``probe_every`` steps."""
+    max_probe_every: int = 640
+    probe_len: int = 3
+    probe_forget: float = 0.2
+    """A probe weighs the layer-skip figures measured before it by this much."""
     verify: StepCost = field(default_factory=StepCost)
-    stats: dict[int, ArmStats] = field(default_factory=dict)
-    _last_end: float | None = None
-    _last_arm: int | None = None
-    _last_rows: int = 0
-    _last_draft_s: float = 0.0
-    _step: int = 0
-    _probe_arm: int | None = None
-    _probe_left: int = 0
+    recent: RoundStats = field(default_factory=RoundStats)
+    skip: SkipValue = field(default_factory=SkipValue)
     steps_by_arm: dict[int, int] = field(default_factory=dict)
-    _last_chosen: dict[int, int] = field(default_factory=dict)
+    _last_end: float | None = None
+    _last_skip_s: float = 0.0
+    _last_own_s: float = 0.0
+    _step: int = 0
+    _tries: int = 0
+    _probe_left: int = 0
+    _backoff: int = 40
+    _next_probe: int = 0
+    _last_arm: int | None = None
 
-    def arm(self, a: int) -> ArmStats:
-        return self.stats.setdefault(a, ArmStats())
-
+    # -- measuring ------------------------------------------------------------------------
     def observe(self, committed: int, measurable: bool, now: float | None = None,
                 scheduled: int | None = None, rows: int | None = None) -> None:
         """Account the step that just finished: tokens committed, tokens it verified."""
         now = time.perf_counter() if now is None else now
-        if self._last_end is None or self._last_arm is None or not measurable or committed <= 0:
+        if self._last_end is None or not measurable or committed <= 0 or not rows:
             return
         seconds = now - self._last_end
-        if seconds + self._last_draft_s > 5.0:  # the engine was idle or stalled: not decoding
+        if seconds + self._last_own_s > 5.0:  # the engine was idle or stalled: not decoding
             return
-        rows = self._last_rows if rows is None else rows
         scheduled = rows if scheduled is None else scheduled
-        st = self.arm(self._last_arm)
-        st.add(rows, committed, max(scheduled - rows, 0))
         self.verify.add(scheduled, seconds)
-        if self._last_arm != PLAIN:
-            st.add_cost(self._last_draft_s / max(self.verify(rows), 1e-9))
+        self.recent.add(rows, committed, max(scheduled - rows, 0))
 
-    def predicted_rate(self, a: int, rows: int) -> float:
-        if a == PLAIN:
-            return rows / self.verify(rows)
-        st = self.arm(a)
-        return rows * st.tau / (self.verify(rows * (1.0 + st.drafts)) + st.kappa * self.verify(rows))
+    def observe_skip(self, rows: int, drafted: int, accepted: int) -> None:
+        """Layer-skip drafts of the last step, verified: ``rows`` rows, ``drafted`` tokens of which
+        ``accepted`` were accepted."""
+        if rows > 0:
+            self.skip.add(rows, drafted, accepted, self._last_skip_s)
 
-    def decide(self, num_seqs: int) -> int:
-        """The arm for this step."""
+    # -- pricing --------------------------------------------------------------------------
+    def rate(self, rows: int) -> float:
+        """Tokens per second the engine makes now at ``rows`` sequences."""
+        r = self.recent
+        return rows * r.tau / max(self.verify(rows * (1.0 + r.drafts)), 1e-9)
+
+    def token_price(self, rows: int) -> float:
+        """What verifying one more draft token costs, in tokens (0 with the governor off)."""
+        if not self.enabled:
+            return 0.0
+        _, b = self.verify.coef()
+        return b * self.rate(rows)
+
+    # -- deciding -------------------------------------------------------------------------
+    def use_skip(self, rows: int) -> bool:
+        """Layer-skip drafts this step, for the rows without a paying context draft?"""
         self._step += 1
         if not self.enabled:
-            return self.arms[0]
-        # Learn each arm once (the figures carry over between batch sizes); cheap arms first
-        # once a batch is large, since a bad draft costs most there.
-        order = self.arms if num_seqs <= 2 else tuple(sorted(self.arms))
-        for a in order:
-            # Steps holding a prefill are not measured; under constant arrivals an arm may never
-            # be, so move on after a few unmeasured tries (the model then falls back to priors).
-            tried = self.steps_by_arm.get(a, 0) >= 4 * self.min_steps
-            if not tried and (self.arm(a).steps < self.min_steps or (a == PLAIN and not self.verify.known)):
-                return a
-        rates = {a: self.predicted_rate(a, num_seqs) for a in self.arms}
-        best = max(self.arms, key=lambda a: rates[a])
-        if self._probe_left > 0 and self._probe_arm is not None and self._probe_arm != best:
+            return True
+        if self.skip.steps < self.min_steps and self._tries < 4 * self.min_steps:
+            # Learn first. Unmeasured tries (no row left for layer-skip, prefills) are capped.
+            self._tries += 1
+            return True
+        if self.skip.value(self.token_price(rows), self.rate(rows)) > 0:
+            self._backoff = self.probe_every
+            self._next_probe = self._step + self._backoff
+            return True
+        if self._probe_left > 0:
             self._probe_left -= 1
-            return self._probe_arm
-        if self._step % self.probe_every == 0:
-            # Arms within reach every probe_every steps; the others a quarter as often, so that
-            # a change of workload (say, to copying from a long context) is still seen.
-            others = [a for a in self.arms if a != best]
-            near = [a for a in others if rates[a] >= self.probe_reach * rates[best]]
-            if self._step % (4 * self.probe_every) == 0 and others:
-                near = [min(others, key=lambda a: self._last_chosen.get(a, -1))]
-            if near:
-                self._probe_arm = max(near, key=lambda a: rates[a])
-                self._probe_left = self.probe_len - 1
-                return self._probe_arm
-        return best
+            return True
+        if self._step >= self._next_probe:
+            self.skip.forget(self.probe_forget)
+            self._probe_left = self.probe_len - 1
+            self._next_probe = self._step + self._backoff
+            self._backoff = min(2 * self._backoff, self.max_probe_every)
+            return True
+        return False
 
-    def finish(self, arm: int, num_seqs: int, draft_s: float, now: float | None = None) -> None:
-        """Record the arm chosen this step and when our part of it ended."""
+    def finish(self, arm: int, skip_s: float, own_s: float, now: float | None = None) -> None:
+        """The step's arm (what it drafted), seconds spent on layer-skip drafts and plans, and on
+        our whole part of the step; when our part ended."""
         self._last_arm = arm
-        self._last_rows = num_seqs
-        self._last_draft_s = draft_s
+        self._last_skip_s = skip_s
+        self._last_own_s = own_s
         self._last_end = time.perf_counter() if now is None else now
         self.steps_by_arm[arm] = self.steps_by_arm.get(arm, 0) + 1
-        self._last_chosen[arm] = self._step

@@ -27,7 +27,7 @@ from vllm.logger import init_logger
 
 from vllm_clasp.config import PARAMS_ATTR, ClaspConfig
 from vllm_clasp.governor import LOOKUP, PLAIN, SKIP, Governor
-from vllm_clasp.lookup import lookup_draft
+from vllm_clasp.lookup import LookupAcceptance, lookup_match
 from vllm_clasp.drafting import DraftHead, KVGroup, LayerStack, ScratchLayerRunner, draft_step, kv_group_from_runner, layer_stack
 from vllm_clasp.metrics import observe_plan
 from vllm_clasp.planner import plan_skip_layers, skip_mask
@@ -39,6 +39,8 @@ logger = init_logger(f"vllm.{__name__}")
 class _SeqState:
     keep: torch.Tensor | None = None  # [L] bool, layers the draft runs
     rounds_since_plan: int = 0
+    lookup_n: int = 0  # n-gram length behind the context draft proposed last round (0: none)
+    skip_drafted: bool = False  # last round's draft came from the layer-skip model
 
 
 @dataclass
@@ -81,8 +83,8 @@ class ClaspProposer:
         self.seqs: dict[str, _SeqState] = {}
         self.fallback_keep: torch.Tensor | None = None
         self.stats = ClaspStats()
-        arms = (SKIP, LOOKUP, PLAIN) if self.cfg.lookup_max > 0 else (SKIP, PLAIN)
-        self.governor = Governor(enabled=self.cfg.adaptive, arms=arms)
+        self.governor = Governor(enabled=self.cfg.adaptive)
+        self.lookup_acceptance = LookupAcceptance()
 
     # vLLM's custom-class hooks ------------------------------------------------------------
     def load_model(self, target_model: Any) -> None:
@@ -140,6 +142,8 @@ class ClaspProposer:
         last_idx: dict[int, int] = {}
         due: list[tuple[int, int]] = []
         committed, measurable = 0, True
+        skip_rows_v = skip_drafted_v = skip_accepted_v = 0
+        sampling = _SamplingRows.from_runner(runner, req_ids, num_tokens, self.k, self.cfg.sampled_drafts)
         for i, rid in enumerate(req_ids):
             if i >= len(sampled_token_ids) or not sampled_token_ids[i]:
                 measurable = False  # a partial prefill shares this step
@@ -152,6 +156,15 @@ class ClaspProposer:
             last_idx[i] = int(qsl[i]) + (n_sched - 1 - num_draft) + (len(sampled_token_ids[i]) - 1)
             st = self.seqs.setdefault(rid, _SeqState())
             st.rounds_since_plan += 1
+            if st.lookup_n and num_draft:
+                self.lookup_acceptance.update(
+                    sampling.is_random(i), st.lookup_n, num_draft, len(sampled_token_ids[i]) - 1
+                )
+            if st.skip_drafted:
+                skip_rows_v += 1
+                skip_drafted_v += num_draft
+                skip_accepted_v += len(sampled_token_ids[i]) - 1
+            st.lookup_n, st.skip_drafted = 0, False
             if st.keep is None:
                 due.append((0, i))
             elif st.rounds_since_plan > self.cfg.replan_interval:
@@ -159,30 +172,35 @@ class ClaspProposer:
             active.append(i)
         self.stats.rounds += len(active)
         self.governor.observe(committed, measurable, now, scheduled=int(qsl[n] - qsl[0]), rows=len(active))
+        self.governor.observe_skip(skip_rows_v, skip_drafted_v, skip_accepted_v)
         if not active:
             return drafts
-        sampling = _SamplingRows.from_runner(runner, req_ids, num_tokens, self.k, self.cfg.sampled_drafts)
-        # The governor picks the arm: layer-skip + context drafts, context drafts only, or none.
-        # Seeded sampled requests always take the first arm and are planned as soon as due:
-        # their random stream depends on how many drafts they get, so that must not depend on
-        # timing or on which other requests share the step.
-        arm = self.governor.decide(len(active))
+        # Seeded sampled requests always draft in full and are planned as soon as due: their
+        # random stream depends on how many drafts they get, so that must not depend on timing
+        # or on which other requests share the step.
+        use_skip = self.governor.use_skip(len(active))
         pinned = {i for i in active if sampling.is_seeded(i)}
-        t0 = time.perf_counter()
-        plan_s_before = self.stats.plan_s
         # Zero-cost context drafts first; those sequences need no layer-skip draft this round.
+        # Each is cut where its measured acceptance no longer pays for verifying it.
         looked_up: set[int] = set()
+        t_lookup = time.perf_counter()
         if self.cfg.lookup_max > 0:
-            for i in active if arm != PLAIN else sorted(pinned):
+            price = self.governor.token_price(len(active))
+            for i in active:
                 n_i = int(num_tokens[i])
                 k = min(self.k, self.max_model_len - n_i)
-                d = lookup_draft(batch.token_ids_cpu[i, :n_i], self.cfg.lookup_min, self.cfg.lookup_max, k)
+                d, n = lookup_match(batch.token_ids_cpu[i, :n_i], self.cfg.lookup_min, self.cfg.lookup_max, k)
+                if d.size and i not in pinned:
+                    d = d[: self.lookup_acceptance.keep(sampling.is_random(i), n, int(d.size), price)]
                 if d.size:
                     drafts[i] = d.tolist()
                     looked_up.add(i)
+                    self.seqs[req_ids[i]].lookup_n = n
             self.stats.lookup_rounds += len(looked_up)
             self.stats.lookup_tokens += sum(len(drafts[i]) for i in looked_up)
-        skip_rows = [i for i in active if i not in looked_up and (arm == SKIP or i in pinned)]
+        t0 = time.perf_counter()
+        plan_s_before = self.stats.plan_s
+        skip_rows = [i for i in active if i not in looked_up and (use_skip or i in pinned)]
         if skip_rows and self.num_skip > 0:
             # Plan: never-planned sequences first, then the most overdue; pinned ones always.
             due = [d for d in due if d[1] in skip_rows]
@@ -201,10 +219,14 @@ class ClaspProposer:
             keeps.append(keep if keep is not None else torch.ones(stack.num_layers, dtype=torch.bool))
         if rows:
             self._draft(rows, keeps, batch, num_tokens, block_table, drafts, sampling)
+            for i in rows:
+                self.seqs[req_ids[i]].skip_drafted = True
+        skip_s = time.perf_counter() - t0
         sampling.publish(runner, drafts)
         end = time.perf_counter()
-        self.stats.draft_s += end - t0 - (self.stats.plan_s - plan_s_before)
-        self.governor.finish(arm, len(active), end - now, end)
+        self.stats.draft_s += end - t_lookup - (self.stats.plan_s - plan_s_before)
+        arm = SKIP if rows else LOOKUP if looked_up else PLAIN
+        self.governor.finish(arm, skip_s, end - now, end)
         return drafts
 
     def _plan(self, rid: str, aux: list[torch.Tensor], tok_idx: int, pos: int, block_row: torch.Tensor) -> None:
