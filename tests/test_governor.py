@@ -113,3 +113,17 @@ def test_exploration_moves_on_when_steps_are_never_measurable():
         chosen.append(s)
         g.finish(2 if s else 0, 0.0, 0.0, now=float(t))
     assert share(chosen[100:]) < 0.2
+
+
+def test_price_uses_the_slope_at_this_batch_size():
+    """Flat at one sequence, steep at eight: one global line would average the two slopes."""
+    g = Governor()
+    for i in range(300):
+        t = 1 + i % 6
+        g.verify.add(t, 0.034)
+        g.by_rows.setdefault(1, StepCost()).add(t, 0.034)
+        g.verify.add(8 * t, 0.026 + 0.0015 * 8 * t)
+        g.by_rows.setdefault(8, StepCost()).add(8 * t, 0.026 + 0.0015 * 8 * t)
+    assert abs(g.token_price(1)) < 1e-9
+    assert abs(g.step_cost(8).coef()[1] - 0.0015) < 1e-6
+    assert g.step_cost(16) is g.verify  # nothing measured there yet

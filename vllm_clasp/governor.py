@@ -55,6 +55,11 @@ class StepCost:
     def known(self) -> bool:
         return self.w > 0
 
+    @property
+    def varied(self) -> bool:
+        """Enough steps of different sizes to tell a slope."""
+        return self.w >= 8 and self.sxx / self.w - (self.sx / self.w) ** 2 > 0.25
+
     def coef(self) -> tuple[float, float]:
         if self.w <= 0:
             return 1.0, self.prior_slope
@@ -75,6 +80,11 @@ class StepCost:
     def __call__(self, tokens: float) -> float:
         a, b = self.coef()
         return a + b * tokens
+
+
+def rows_bucket(rows: int) -> int:
+    """1, 2, 3, 4, then powers of two (5-8 -> 8, 9-16 -> 16, ...)."""
+    return rows if rows <= 4 else 1 << (rows - 1).bit_length()
 
 
 @dataclass
@@ -145,6 +155,10 @@ class Governor:
     probe_forget: float = 0.2
     """A probe weighs the layer-skip figures measured before it by this much."""
     verify: StepCost = field(default_factory=StepCost)
+    by_rows: dict[int, StepCost] = field(default_factory=dict)
+    """The same fit per batch-size bucket: the marginal cost of a token is not the same at every
+    batch size (flat up to ~7 tokens, then linear, on this CPU), so the price uses the local slope
+    once there is one, the global fit until then."""
     recent: RoundStats = field(default_factory=RoundStats)
     skip: SkipValue = field(default_factory=SkipValue)
     steps_by_arm: dict[int, int] = field(default_factory=dict)
@@ -170,6 +184,7 @@ class Governor:
             return
         scheduled = rows if scheduled is None else scheduled
         self.verify.add(scheduled, seconds)
+        self.by_rows.setdefault(rows_bucket(rows), StepCost()).add(scheduled, seconds)
         self.recent.add(rows, committed, max(scheduled - rows, 0))
 
     def observe_skip(self, rows: int, drafted: int, accepted: int) -> None:
@@ -179,16 +194,20 @@ class Governor:
             self.skip.add(rows, drafted, accepted, self._last_skip_s)
 
     # -- pricing --------------------------------------------------------------------------
+    def step_cost(self, rows: int) -> StepCost:
+        local = self.by_rows.get(rows_bucket(rows))
+        return local if local is not None and local.varied else self.verify
+
     def rate(self, rows: int) -> float:
         """Tokens per second the engine makes now at ``rows`` sequences."""
         r = self.recent
-        return rows * r.tau / max(self.verify(rows * (1.0 + r.drafts)), 1e-9)
+        return rows * r.tau / max(self.step_cost(rows)(rows * (1.0 + r.drafts)), 1e-9)
 
     def token_price(self, rows: int) -> float:
         """What verifying one more draft token costs, in tokens (0 with the governor off)."""
         if not self.enabled:
             return 0.0
-        _, b = self.verify.coef()
+        _, b = self.step_cost(rows).coef()
         return b * self.rate(rows)
 
     # -- deciding -------------------------------------------------------------------------

@@ -53,8 +53,8 @@ class LookupAcceptance:
     """How often context-draft token j is accepted, given the ones before it were, by match length n.
 
     Decayed counts per (sampled?, n, j) with an optimistic prior, so that a class is tried before
-    it is judged; every ``explore_every``-th draft is proposed whole, so classes cut off keep being
-    measured (the workload may change).
+    it is judged; every ``explore_every``-th draft keeps one token past its cut, so classes cut off
+    keep being measured (the workload may change) at the price of one token.
     """
 
     prior_accepts: float = 1.8
@@ -73,13 +73,14 @@ class LookupAcceptance:
         """How many of a ``length``-token draft from an n-gram match to propose: while the chance
         that every token so far is accepted is at least ``price``."""
         self._drafts += 1
-        if price <= 0.0 or self._drafts % self.explore_every == 0:
+        if price <= 0.0:
             return length
+        extra = 1 if self._drafts % self.explore_every == 0 else 0
         p = 1.0
         for j in range(length):
             p *= self.rate(sampled, n, j)
             if p < price:
-                return j
+                return min(j + extra, length)
         return length
 
     def update(self, sampled: bool, n: int, verified: int, accepted: int) -> None:
