@@ -1,6 +1,6 @@
 import numpy as np
 
-from vllm_clasp.lookup import LookupAcceptance, lookup_draft, lookup_match
+from vllm_clasp.lookup import LookupAcceptance, SeqAcceptance, lookup_draft, lookup_match
 
 
 def t(*xs):
@@ -66,3 +66,16 @@ def test_cut_classes_are_still_explored_now_and_then():
         acc.update(False, 1, 3, 0)
     kept = [acc.keep(False, 1, 3, 0.3) for _ in range(8)]
     assert kept.count(1) == 2 and kept.count(0) == 6  # one token past the cut, now and then
+
+
+def test_a_sequence_that_accepts_less_than_the_table_expects_gets_shorter_drafts():
+    acc = LookupAcceptance(explore_every=10**9)
+    for _ in range(200):
+        acc.update(False, 2, 4, 1)  # shared record: first token accepted, second not
+    free, copying = SeqAcceptance(), SeqAcceptance()
+    for _ in range(20):
+        acc.update(False, 2, 4, 0, free)  # this sequence rejects even the first
+        acc.update(False, 2, 4, 4, copying)  # this one accepts everything
+    assert free.scale() < 0.5 and copying.scale() > 1.1
+    price = 0.5
+    assert acc.keep(False, 2, 4, price, free) < acc.keep(False, 2, 4, price) <= acc.keep(False, 2, 4, price, copying)

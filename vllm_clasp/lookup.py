@@ -69,23 +69,46 @@ class LookupAcceptance:
         key = (sampled, n, j)
         return (self.accepts.get(key, 0.0) + self.prior_accepts) / (self.trials.get(key, 0.0) + self.prior_trials)
 
-    def keep(self, sampled: bool, n: int, length: int, price: float) -> int:
+    def keep(self, sampled: bool, n: int, length: int, price: float, seq: "SeqAcceptance | None" = None) -> int:
         """How many of a ``length``-token draft from an n-gram match to propose: while the chance
-        that every token so far is accepted is at least ``price``."""
+        that every token so far is accepted is at least ``price``. ``seq`` scales the chances by
+        how this sequence's context drafts have fared against them (free text vs copying)."""
         self._drafts += 1
         if price <= 0.0:
             return length
         extra = 1 if self._drafts % self.explore_every == 0 else 0
+        scale = seq.scale() if seq is not None else 1.0
         p = 1.0
         for j in range(length):
-            p *= self.rate(sampled, n, j)
+            p *= min(1.0, self.rate(sampled, n, j) * scale)
             if p < price:
                 return min(j + extra, length)
         return length
 
-    def update(self, sampled: bool, n: int, verified: int, accepted: int) -> None:
+    def update(self, sampled: bool, n: int, verified: int, accepted: int, seq: "SeqAcceptance | None" = None) -> None:
         """A draft of ``verified`` tokens from an n-gram match had its first ``accepted`` accepted."""
         for j in range(min(accepted + 1, verified)):
             key = (sampled, n, j)
+            if seq is not None:
+                seq.add(self.rate(sampled, n, j), 1.0 if j < accepted else 0.0)
             self.trials[key] = self.trials.get(key, 0.0) * self.decay + 1.0
             self.accepts[key] = self.accepts.get(key, 0.0) * self.decay + (1.0 if j < accepted else 0.0)
+
+
+@dataclass
+class SeqAcceptance:
+    """One sequence's context-draft record: accepted tokens against what the shared table expected.
+    A sequence writing free text accepts less than the average, one copying from its context more;
+    the ratio (shrunk towards 1 while there is little data) scales the table's chances for it."""
+
+    prior: float = 2.0
+    decay: float = 0.9
+    expected: float = 0.0
+    accepted: float = 0.0
+
+    def add(self, expected: float, accepted: float) -> None:
+        self.expected = self.expected * self.decay + expected
+        self.accepted = self.accepted * self.decay + accepted
+
+    def scale(self) -> float:
+        return min(4.0, max(0.25, (self.accepted + self.prior) / (self.expected + self.prior)))

@@ -27,7 +27,7 @@ from vllm.logger import init_logger
 
 from vllm_clasp.config import PARAMS_ATTR, ClaspConfig
 from vllm_clasp.governor import LOOKUP, PLAIN, SKIP, Governor
-from vllm_clasp.lookup import LookupAcceptance, lookup_match
+from vllm_clasp.lookup import LookupAcceptance, SeqAcceptance, lookup_match
 from vllm_clasp.drafting import DraftHead, KVGroup, LayerStack, ScratchLayerRunner, draft_step, kv_group_from_runner, layer_stack
 from vllm_clasp.metrics import observe_plan
 from vllm_clasp.planner import plan_skip_layers, skip_mask
@@ -41,6 +41,7 @@ class _SeqState:
     rounds_since_plan: int = 0
     lookup_n: int = 0  # n-gram length behind the context draft proposed last round (0: none)
     skip_drafted: bool = False  # last round's draft came from the layer-skip model
+    lookup: SeqAcceptance = field(default_factory=SeqAcceptance)
 
 
 @dataclass
@@ -158,7 +159,7 @@ class ClaspProposer:
             st.rounds_since_plan += 1
             if st.lookup_n and num_draft:
                 self.lookup_acceptance.update(
-                    sampling.is_random(i), st.lookup_n, num_draft, len(sampled_token_ids[i]) - 1
+                    sampling.is_random(i), st.lookup_n, num_draft, len(sampled_token_ids[i]) - 1, st.lookup
                 )
             if st.skip_drafted:
                 skip_rows_v += 1
@@ -191,7 +192,8 @@ class ClaspProposer:
                 k = min(self.k, self.max_model_len - n_i)
                 d, n = lookup_match(batch.token_ids_cpu[i, :n_i], self.cfg.lookup_min, self.cfg.lookup_max, k)
                 if d.size and i not in pinned:
-                    d = d[: self.lookup_acceptance.keep(sampling.is_random(i), n, int(d.size), price)]
+                    st = self.seqs[req_ids[i]]
+                    d = d[: self.lookup_acceptance.keep(sampling.is_random(i), n, int(d.size), price, st.lookup)]
                 if d.size:
                     drafts[i] = d.tolist()
                     looked_up.add(i)
