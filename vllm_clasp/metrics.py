@@ -150,12 +150,12 @@ class ClaspCollector:
         )
         gov = CounterMetricFamily(
             "vllm:clasp_governor_steps",
-            "Engine steps by the drafting arm the governor chose: layer_skip, context or plain.",
+            "Engine steps by what was drafted: layer_skip (some sequence got layer-skip drafts), context (context drafts only) or plain (none).",
             labels=labels + ["arm"],
         )
         active = GaugeMetricFamily(
             "vllm:clasp_speculation_active",
-            "1 while the governor's current choice drafts (layer_skip or context), 0 while it decodes plainly.",
+            "1 if the last step proposed drafts (layer_skip or context), 0 if it decoded plainly.",
             labels=labels,
         )
         scratch = GaugeMetricFamily(
