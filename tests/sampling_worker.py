@@ -14,7 +14,8 @@ import json
 import os
 import sys
 
-os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+if __name__ == "__main__":  # test_sampling imports PROMPT: the setting must not leak into its process
+    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
 
 PROMPT = [1, 504, 3365, 314, 253, 1789, 28, 532, 2161, 314]
 

@@ -2,7 +2,9 @@
 them, carried across batch sizes), re-measured now and then, and a price per verified token that
 follows the step cost."""
 
-from vllm_clasp.governor import Governor, StepCost
+import numpy as np
+
+from vllm_clasp.governor import Governor, StepCost, best_draft_lengths
 
 
 class Engine:
@@ -94,8 +96,8 @@ def test_step_cost_fit_recovers_slope_and_keeps_prior_shape_on_one_size():
     c = StepCost()
     for t in (1, 5, 16, 40, 80) * 5:
         c.add(t, 0.05 + 0.008 * t)
-    a, b = c.coef()
-    assert abs(a - 0.05) < 1e-6 and abs(b - 0.008) < 1e-6
+    a, b, knee = c.coef()
+    assert abs(a - 0.05) < 1e-6 and abs(b - 0.008) < 1e-6 and knee == 0
     one = StepCost()
     for _ in range(5):
         one.add(1, 0.06)
@@ -127,3 +129,76 @@ def test_price_uses_the_slope_at_this_batch_size():
     assert abs(g.token_price(1)) < 1e-9
     assert abs(g.step_cost(8).coef()[1] - 0.0015) < 1e-6
     assert g.step_cost(16) is g.verify  # nothing measured there yet
+
+
+def test_step_cost_finds_the_knee_where_tokens_start_to_cost():
+    """This CPU at batch 8: ~42 ms up to ~12 verified tokens, then ~1.9 ms per token (measured)."""
+    rng = np.random.default_rng(0)
+    c = StepCost()
+    for _ in range(400):
+        t = int(rng.integers(8, 30))
+        c.add(t, (0.042 + 0.0019 * max(0, t - 12)) * (1 + 0.03 * rng.standard_normal()))
+    a, b, knee = c.coef()
+    assert 10 <= knee <= 16 and abs(b - 0.0019) < 0.0004 and abs(a - 0.042) < 0.003
+    assert c.marginal(9) == 0.0 and c.marginal(20) == b
+
+
+def test_step_cost_noise_alone_shows_no_slope():
+    rng = np.random.default_rng(1)
+    c = StepCost()
+    for _ in range(300):
+        c.add(int(rng.integers(1, 8)), 0.033 * (1 + 0.05 * rng.standard_normal()))
+    assert c.coef()[1] == 0.0 and c.marginal(4) == 0.0
+
+
+def _linear(a, b):
+    c = StepCost()
+    for t in (16, 20, 24, 32, 48) * 20:
+        c.add(t, a + b * t)
+    return c
+
+
+def test_best_draft_lengths_take_the_surest_tokens_first_and_stop_where_they_cost_more():
+    # batch 16 on this CPU: 53 ms per step, 2.2 ms per verified token -> a token pays above ~0.66
+    cost = _linear(0.053 - 0.0022 * 16, 0.0022)
+    sure, fair, poor = np.cumprod([0.95] * 6), np.cumprod([0.6] * 6), np.cumprod([0.3] * 6)
+    got = best_draft_lengths([sure, fair, poor] + [np.zeros(0)] * 13, 16, 16, cost)
+    assert got[:3] == [6, 0, 0]
+    # free verification (batch 1, few tokens): everything is worth trying
+    flat = StepCost()
+    for t in (1, 2, 3, 4, 5, 6) * 20:
+        flat.add(t, 0.033)
+    assert best_draft_lengths([sure, poor], 2, 2, flat) == [6, 6]
+    # nothing to draft: nothing chosen
+    assert best_draft_lengths([np.zeros(0)], 1, 1, cost) == [0]
+
+
+def test_best_draft_lengths_are_the_best_of_every_choice():
+    """Brute force over every combination of prefix lengths on small cases."""
+    import itertools
+
+    rng = np.random.default_rng(2)
+    for _ in range(30):
+        cost = _linear(rng.uniform(0.01, 0.05), rng.uniform(0.0, 0.01))
+        drafts = [np.cumprod(rng.uniform(0.1, 1.0, size=rng.integers(0, 4))) for _ in range(3)]
+        base = int(rng.integers(3, 8))
+        got = best_draft_lengths(drafts, base, base, cost)
+
+        def rate(ls):
+            return (base + sum(d[:m].sum() for d, m in zip(drafts, ls))) / cost(base + sum(ls))
+
+        best = max(rate(ls) for ls in itertools.product(*[range(d.size + 1) for d in drafts]))
+        assert rate(got) >= best - 1e-12
+
+
+def test_step_cost_tells_the_once_per_step_cost_of_drafting_from_the_per_token_cost():
+    """Batch 16 here: a step with any draft pays ~1 ms once (rejection sampler), then ~2 ms per token."""
+    rng = np.random.default_rng(3)
+    c = StepCost()
+    for _ in range(400):
+        t = int(rng.integers(17, 40)) if rng.random() < 0.7 else 16
+        c.add(t, (0.053 + 0.0012 * (t > 16) + 0.0021 * (t - 16)) * (1 + 0.02 * rng.standard_normal()), t > 16)
+    assert abs(c.draft_step_extra - 0.0012) < 0.0006 and abs(c.coef()[1] - 0.0021) < 0.0003
+    # a lone draft token must now beat the once-per-step cost as well as its own
+    one = best_draft_lengths([np.array([0.6])] + [np.zeros(0)] * 15, 16, 16, c)
+    assert one[0] == 0

@@ -47,29 +47,33 @@ def test_matches_a_brute_force_search():
         assert got.tolist() == want.tolist() and got_n == want_n
 
 
-def test_drafts_are_cut_where_acceptance_falls_below_the_price():
-    acc = LookupAcceptance(explore_every=10**9)
-    assert acc.keep(False, 1, 6, 0.5) == 6  # optimistic before anything is measured
+def _keep(acc, sampled, n, length, price, seq=None):
+    """Tokens kept at a linear price per token: the first whose chance is below the price is cut."""
+    c = acc.chances(sampled, n, length, seq)
+    return int((c >= price).sum()) if price > 0 else length
+
+
+def test_chances_follow_measured_acceptance_by_ngram_length_and_position():
+    acc = LookupAcceptance()
+    assert _keep(acc, False, 1, 6, 0.5) == 6  # optimistic before anything is measured
     for _ in range(200):
         acc.update(False, 1, 6, 0)  # 1-gram drafts: first token always rejected
         acc.update(False, 5, 6, 6)  # 5-gram drafts: all accepted
-    assert acc.keep(False, 1, 6, 0.3) == 0
-    assert acc.keep(False, 1, 6, 0.0) == 6  # free verification: propose everything
-    assert acc.keep(False, 5, 6, 0.3) == 6
-    assert acc.keep(True, 1, 6, 0.3) == 6  # sampled requests are measured apart
+    assert _keep(acc, False, 1, 6, 0.3) == 0
+    assert _keep(acc, False, 5, 6, 0.3) == 6
+    assert _keep(acc, True, 1, 6, 0.3) == 6  # sampled requests are measured apart
     assert (False, 1, 1) not in acc.trials  # a token after a rejected one is never counted
+    c = acc.chances(False, 5, 6)
+    assert (np.diff(c) <= 0).all() and c[0] > 0.95
 
 
-def test_cut_classes_are_still_explored_now_and_then():
+def test_cut_drafts_are_still_explored_now_and_then():
     acc = LookupAcceptance(explore_every=4)
-    for _ in range(50):
-        acc.update(False, 1, 3, 0)
-    kept = [acc.keep(False, 1, 3, 0.3) for _ in range(8)]
-    assert kept.count(1) == 2 and kept.count(0) == 6  # one token past the cut, now and then
+    assert [acc.explore() for _ in range(8)] == [False, False, False, True] * 2
 
 
 def test_a_sequence_that_accepts_less_than_the_table_expects_gets_shorter_drafts():
-    acc = LookupAcceptance(explore_every=10**9)
+    acc = LookupAcceptance()
     for _ in range(200):
         acc.update(False, 2, 4, 1)  # shared record: first token accepted, second not
     free, copying = SeqAcceptance(), SeqAcceptance()
@@ -78,4 +82,4 @@ def test_a_sequence_that_accepts_less_than_the_table_expects_gets_shorter_drafts
         acc.update(False, 2, 4, 4, copying)  # this one accepts everything
     assert free.scale() < 0.5 and copying.scale() > 1.1
     price = 0.5
-    assert acc.keep(False, 2, 4, price, free) < acc.keep(False, 2, 4, price) <= acc.keep(False, 2, 4, price, copying)
+    assert _keep(acc, False, 2, 4, price, free) < _keep(acc, False, 2, 4, price) <= _keep(acc, False, 2, 4, price, copying)

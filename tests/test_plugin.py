@@ -65,3 +65,31 @@ def test_unsupported_vllm_refuses_clasp_clearly(monkeypatch):
             EngineArgs.create_speculative_config(args, None, None)
     finally:
         EngineArgs.create_speculative_config = original
+
+
+def test_a_clasp_step_without_drafts_is_prepared_as_a_plain_step():
+    from types import SimpleNamespace
+
+    from vllm_clasp.patches import PlainSamplingWithoutDrafts
+    from vllm_clasp.proposer import ClaspProposer
+
+    seen = []
+
+    def original(self, scheduler_output, *args):
+        seen.append(self.speculative_config)
+        return "prepared"
+
+    prepare = PlainSamplingWithoutDrafts.build(original)
+    runner = SimpleNamespace(
+        speculative_config="spec",
+        drafter=object.__new__(ClaspProposer),
+        input_batch=SimpleNamespace(generators={}),
+        model_config=SimpleNamespace(is_hybrid=False),
+    )
+    assert prepare(runner, SimpleNamespace(scheduled_spec_decode_tokens={})) == "prepared"
+    prepare(runner, SimpleNamespace(scheduled_spec_decode_tokens={"r": [5]}))  # drafts: spec step
+    runner.input_batch.generators = {0: object()}  # a seeded request: its sampler stays the same
+    prepare(runner, SimpleNamespace(scheduled_spec_decode_tokens={}))
+    runner.input_batch.generators, runner.drafter = {}, object()  # not clasp (ngram, eagle): untouched
+    prepare(runner, SimpleNamespace(scheduled_spec_decode_tokens={}))
+    assert seen == [None, "spec", "spec", "spec"] and runner.speculative_config == "spec"

@@ -3,7 +3,10 @@
 Every method gets its own engine and all engines stay up for the whole run, so that the prompts
 can be interleaved: each chunk of ``batch_size`` prompts of one Spec-Bench group runs through every
 method in turn (the order rotates from chunk to chunk), and a repeat does it all again. A slow
-moment on a shared machine then hits all methods alike, and the repeats show the spread.
+moment on a shared machine then hits all methods alike, and the repeats show the spread. An
+untimed pass over every chunk comes first (``--no-warmup`` leaves it out): the first run of a
+prompt batch pays one-off costs (new kernel shapes, KV-cache growth) that fall on whichever method
+met it first, and with it every timed repeat finds the prompts in vLLM's prefix cache alike.
 
 Metrics follow Spec-Bench (its SOURCE.md): speedup = mean tokens/s of a method / that of plain
 vLLM over the same questions; τ = tokens committed per decoding step, bonus included
@@ -162,6 +165,7 @@ def run_bench(
     dtype: str = "float32",
     max_model_len: int = 2048,
     progress: bool = True,
+    warmup: bool = True,
 ) -> list[Chunk]:
     from vllm import SamplingParams
 
@@ -180,17 +184,18 @@ def run_bench(
         if progress:
             from tqdm import tqdm
 
-            bar = tqdm(total=repeats * len(plan) * len(methods), desc="bench", unit="chunk")
+            bar = tqdm(total=(repeats + warmup) * len(plan) * len(methods), desc="bench", unit="chunk")
         turn = 0
-        for r in range(repeats):
+        for r in range(-1 if warmup else 0, repeats):  # -1: the untimed pass
             for g, idx in plan:
                 order = methods[turn % len(methods) :] + methods[: turn % len(methods)]
                 turn += 1
                 for m in order:
                     dt, outs, ctr, cl = run_chunk(engines, m, [prompts[i] for i in idx], sampling)
-                    chunks.append(Chunk(m.name, r, g, idx, dt, sum(map(len, outs)), outs, ctr, cl))
+                    if r >= 0:
+                        chunks.append(Chunk(m.name, r, g, idx, dt, sum(map(len, outs)), outs, ctr, cl))
                     if bar is not None:
-                        bar.set_postfix_str(f"repeat {r + 1}/{repeats} {g} {m.name}")
+                        bar.set_postfix_str(f"repeat {r + 1}/{repeats} {g} {m.name}" if r >= 0 else f"warm-up {g} {m.name}")
                         bar.update(1)
         if bar is not None:
             bar.close()
@@ -470,6 +475,7 @@ def add_arguments(p: Any) -> None:
     p.add_argument("--temperature", type=float, default=0.0)
     p.add_argument("--dtype", default="float32")
     p.add_argument("--repeats", type=int, default=2, help="interleaved repeats (the spread in the tables)")
+    p.add_argument("--no-warmup", action="store_true", help="leave out the untimed first pass over every chunk")
     p.add_argument("--out", default=None, help="output folder (default: bench-results/<time>)")
     p.add_argument("--sweep-skip", default=None, help="sweep mode: skip_layers values, e.g. 0.2,0.3,0.4,0.5")
     p.add_argument("--sweep-k", default="2,3,4,5", help="sweep mode: K values")
@@ -521,12 +527,13 @@ def main(args: Any) -> int:
         return 0
     chunks = run_bench(model, methods, questions, max_tokens=args.max_tokens, batch_size=args.batch_size,
                        temperature=args.temperature, repeats=args.repeats, dtype=args.dtype,
-                       progress=not args.no_progress)
+                       progress=not args.no_progress, warmup=not args.no_warmup)
     summary = summarize(chunks, methods, greedy=args.temperature == 0)
     summary.update(setting=setting, methods={m.name: m.spec for m in methods})
     (out / "results.json").write_text(json.dumps(summary, indent=1))
     (out / "chunks.json").write_text(json.dumps([dataclasses.asdict(c) for c in chunks]))
-    md = markdown(summary, f"Spec-Bench: {setting}; {args.repeats} interleaved repeats.")
+    md = markdown(summary, f"Spec-Bench: {setting}; {args.repeats} interleaved repeats"
+                  + (" after an untimed pass." if not args.no_warmup else " (no warm-up pass)."))
     (out / "results.md").write_text(md)
     plot(summary, out / "speedup.png", setting)
     print("\n" + md)

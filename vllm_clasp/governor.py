@@ -5,20 +5,21 @@ Every draft token is priced in the same unit, tokens of output:
 * verifying one more token adds ``b`` seconds to a step (the step cost model below); at the rate
   the engine makes tokens now, that is ``price = b · rate`` tokens. A token is worth proposing
   only if its chance of being accepted is above that price.
-* context drafts (lookup.py) cost nothing to make; each is cut where its measured acceptance, by
-  n-gram length and position, falls below the price (``token_price``).
+* context drafts (lookup.py) cost nothing to make; their tokens, each with its measured chance
+  of acceptance by n-gram length and position, are verified surest first while the step's
+  tokens per second rise (``best_draft_lengths``).
 * layer-skip drafts cost draft forwards and plans. They are used for the sequences that have no
   paying context draft while, measured on exactly those rows,
   ``accepted tokens > price · drafted tokens + drafting seconds · rate`` (``use_skip``). While they
   do not pay, a couple of steps re-measure them now and then, less often each time they still do
   not (the workload may change).
 
-Step cost: ``t(T) = a + b·T`` for a step that verified ``T`` tokens, by decayed least squares over
-measured steps (those without a prefill); ``b = 0`` where steps of every size took as long (batch
-size 1 on this CPU, up to ~7 tokens). Nothing depends on batch size except through ``T``, so
-nothing is re-learned when it changes. On this CPU ``b`` is a good share of a step from a few
-sequences on, so drafting narrows to the surest tokens at large batches; on a GPU ``b`` is near
-zero and drafting stays wide.
+Step cost: ``t(T) = a + b·max(0, T − knee)`` for a step that verified ``T`` tokens (``StepCost``),
+fitted per batch-size bucket over measured steps (those without a prefill). On this CPU a step
+costs the same up to ~8–12 tokens, then ~2 ms per token: at batch 1 drafts are free, at 16 every
+draft token costs ~0.66 tokens of output. Context drafts are then chosen for the whole step at
+once (``best_draft_lengths``): the surest tokens first, as long as the step's tokens per second
+rise. On a GPU the knee lies far out and drafting stays wide.
 """
 
 from __future__ import annotations
@@ -26,30 +27,55 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 
+import numpy as np
+
 SKIP, LOOKUP, PLAIN = 2, 1, 0
 ARM_NAMES = {SKIP: "layer-skip", LOOKUP: "context", PLAIN: "plain"}
 
 
+KNEES = (0, 2, 4, 6, 8, 10, 12, 16, 20, 24, 32, 48, 64, 96, 128, 192, 256)
+"""Candidate knees of the step-cost hinge, in verified tokens per step."""
+_KNEES = np.asarray(KNEES, dtype=np.float64)
+
+
 @dataclass
 class StepCost:
-    """Decayed least squares fit of step seconds against scheduled tokens."""
+    """Step seconds against verified tokens ``T``: ``t = a + c·[drafts] + b·max(0, T − knee)``.
+
+    A forward over a few tokens costs what one token costs (the weights are read once either way),
+    then each token adds about the same: on this CPU flat up to ~8–12 tokens, then ~2 ms per token
+    for the default model. A step with any draft also pays ``c`` once (vLLM's rejection sampler
+    and spec-decode bookkeeping, ~0.5–1.5 ms at batch 16 here). Decayed least squares for every
+    candidate knee; the knee kept is the one that fits best among those whose slope the data
+    shows (t-statistic > 2), the mildest slope among knees that fit about as well (two sizes seen
+    cannot place a knee). With no slope shown within the sizes seen, verified tokens are free
+    (``b = 0``): drafts grow until steps of a size that costs more are measured. One size seen so
+    far: the prior shape (``prior_slope`` × a per token from the first).
+    """
 
     decay: float = 0.99
     prior_slope: float = 0.15
     """Slope relative to the intercept while the data cannot tell (all steps one size)."""
+    m: np.ndarray = field(default_factory=lambda: np.zeros((len(KNEES), 4, 4)))
+    """Per knee, decayed sums of v·vᵀ with v = (1, max(0, T − knee), [drafts], seconds)."""
     w: float = 0.0
-    sx: float = 0.0
-    sy: float = 0.0
-    sxx: float = 0.0
-    sxy: float = 0.0
+    st: float = 0.0
+    stt: float = 0.0
+    _fit: tuple[float, float, int, float] | None = None
 
-    def add(self, tokens: float, seconds: float) -> None:
+    def add(self, tokens: float, seconds: float, drafted: bool | None = None) -> None:
         d = self.decay
         self.w = self.w * d + 1.0
-        self.sx = self.sx * d + tokens
-        self.sy = self.sy * d + seconds
-        self.sxx = self.sxx * d + tokens * tokens
-        self.sxy = self.sxy * d + tokens * seconds
+        self.st = self.st * d + tokens
+        self.stt = self.stt * d + tokens * tokens
+        v = np.empty((len(KNEES), 4))
+        v[:, 0] = 1.0
+        v[:, 1] = np.maximum(tokens - _KNEES, 0.0)
+        v[:, 2] = 0.0 if drafted is None else float(drafted)
+        v[:, 3] = seconds
+        self.m *= d
+        self.m += v[:, :, None] * v[:, None, :]
+        self._fit = None
 
     @property
     def known(self) -> bool:
@@ -58,28 +84,146 @@ class StepCost:
     @property
     def varied(self) -> bool:
         """Enough steps of different sizes to tell a slope."""
-        return self.w >= 8 and self.sxx / self.w - (self.sx / self.w) ** 2 > 0.25
+        return self.w >= 8 and self.stt / self.w - (self.st / self.w) ** 2 > 0.25
 
-    def coef(self) -> tuple[float, float]:
+    def coef(self) -> tuple[float, float, int]:
+        """(a, b, knee)."""
+        return self.fit()[:3]
+
+    @property
+    def draft_step_extra(self) -> float:
+        """``c``: seconds a step pays once for having any draft."""
+        return self.fit()[3]
+
+    def fit(self) -> tuple[float, float, int, float]:
+        if self._fit is None:
+            self._fit = self._solve()
+        return self._fit
+
+    def _solve(self) -> tuple[float, float, int, float]:
         if self.w <= 0:
-            return 1.0, self.prior_slope
-        mx, my = self.sx / self.w, self.sy / self.w
-        var = self.sxx / self.w - mx * mx
-        if var > 0.25:
-            b = (self.sxy / self.w - mx * my) / var
-            a = my - b * mx
-            if b > 0 and a > 0:
-                return a, b
-            if b <= 0 < my:
-                # Steps of every size took as long: verified tokens are free here.
-                return my, 0.0
-        # One step size seen so far (or a fit that makes no sense): keep the prior shape.
-        a = my / (1.0 + self.prior_slope * mx)
-        return a, self.prior_slope * a
+            return 1.0, self.prior_slope, 0, 0.0
+        w = self.w
+        mt, my = self.st / w, self.m[0, 0, 3] / w
+        if not self.varied:
+            a = my / (1.0 + self.prior_slope * mt)
+            return a, self.prior_slope * a, 0, 0.0
+        mz = self.m[0, 0, 2] / w
+        use_z = 0.02 < mz < 0.98  # steps with and without drafts both seen: c can be told
+        vy = max(self.m[0, 3, 3] / w - my * my, 0.0)
+        fits: list[tuple[float, float, float, int, float]] = []  # (residual variance, a, b, knee, c)
+        for i, k in enumerate(KNEES):
+            mom = self.m[i] / w
+            mean = mom[0, :3]
+            cov = mom[1:3, 1:4] - np.outer(mean[1:3], mom[0, 1:4])  # covariances of (x, z) with (x, z, y)
+            vx = cov[0, 0]
+            if vx <= 0.25:
+                continue  # (almost) every step at or below this knee: it says nothing
+            b = c = None
+            vb = vx - cov[0, 1] ** 2 / cov[1, 1] if use_z else vx  # x's variance z does not explain
+            if use_z and vb > 0.25:
+                A, r = cov[:, :2], cov[:, 2]
+                b, c = np.linalg.solve(A, r)
+                res = max(vy - (b * r[0] + c * r[1]), 0.0)
+            if c is None or c < 0:  # no z, sizes and drafts go together (batch 1), or noise
+                b, c = cov[0, 2] / vx, 0.0
+                res = max(vy - b * cov[0, 2], 0.0)
+                vb = vx
+            # t-statistic of the slope over an effective w steps
+            if b <= 0 or b * b * vb * max(w - 3.0, 1.0) <= 4.0 * res:
+                continue
+            fits.append((res, my - b * mean[1] - c * mean[2], float(b), k, float(c)))
+        if not fits:
+            return my, 0.0, 0, 0.0  # steps of every size seen took as long
+        # Knees the data cannot tell apart (few sizes seen) fit about as well: take the mildest.
+        least = min(f[0] for f in fits)
+        _, a, b, k, c = min((f for f in fits if f[0] <= 1.05 * least + 1e-15), key=lambda f: f[2])
+        return a, b, k, c
 
-    def __call__(self, tokens: float) -> float:
-        a, b = self.coef()
-        return a + b * tokens
+    def __call__(self, tokens: float, drafted: bool = False) -> float:
+        a, b, k, c = self.fit()
+        return a + b * max(0.0, tokens - k) + (c if drafted else 0.0)
+
+    def marginal(self, tokens: float) -> float:
+        """Seconds one more verified token adds to a step of ``tokens`` tokens."""
+        a, b, k, c = self.fit()
+        return b if tokens + 1 > k else 0.0
+
+
+def best_draft_lengths(chances: list[np.ndarray], base_tokens: int, base_committed: float, cost: StepCost) -> list[int]:
+    """How many tokens of each draft to verify so that the step makes the most tokens per second.
+
+    ``chances[r][j]``: the chance that tokens 0..j of draft r are all accepted (non-increasing in
+    j). A step that verifies ``base_tokens`` plus the chosen draft tokens commits ``base_committed``
+    plus the sum of their chances, and takes ``cost(T)``. Marginal costs only grow with T and the
+    chances of one draft only fall, so the best set is a prefix of all draft tokens by chance.
+    """
+    sizes = [int(c.size) for c in chances]
+    total = sum(sizes)
+    if total == 0:
+        return sizes
+    p = np.concatenate(chances)
+    row = np.repeat(np.arange(len(chances)), sizes)
+    order = np.argsort(-p, kind="stable")  # ties keep each draft's own order
+    gain = base_committed + np.concatenate(([0.0], np.cumsum(p[order])))
+    a, b, k, c = cost.fit()
+    t = a + b * np.maximum(0.0, base_tokens + np.arange(total + 1) - k) + c
+    t[0] -= c  # no draft at all: no spec-decode step
+    n = int(np.argmax(gain / np.maximum(t, 1e-12)))
+    return np.bincount(row[order[:n]], minlength=len(chances)).tolist()
+
+
+def critical_rows(remaining: list[int], waiting: int | None, slack: int = 2) -> list[bool] | None:
+    """Which sequences decide when the batch ends; ``None`` while requests wait for a slot.
+
+    With requests waiting (or the queue unknown), a token committed anywhere brings the next
+    request forward: throughput is what counts (``best_draft_lengths``). With none waiting, the
+    batch ends when its longest sequence does: only the sequences with the most tokens left
+    (``remaining``, within ``slack``) decide that (``wave_draft_lengths``).
+    """
+    if waiting is None or waiting > 0 or len(remaining) <= 1:
+        return None
+    top = max(remaining)
+    return [r >= top - slack for r in remaining]
+
+
+def wave_draft_lengths(chances: list[np.ndarray], critical: list[bool], blocked: bool, base_tokens: int,
+                       cost: StepCost) -> list[int]:
+    """Draft lengths when no request waits: the batch ends with its slowest sequences.
+
+    The critical sequences move the end only together: a step brings it ``1 + min(accepted)``
+    closer, and ``P(min ≥ j) = Π_r chances[r][j-1]``. So they get one common depth, the one
+    with the most expected progress per second; none if a critical sequence has nothing to draft
+    (``blocked``). The others only get tokens that cost nothing (below the step-cost knee), and
+    only in a step that drafts anyway or where drafting costs nothing once.
+    """
+    a, b, k, c = cost.fit()
+    sizes = [int(x.size) for x in chances]
+    out = [0] * len(chances)
+    crit = [r for r, f in enumerate(critical) if f and sizes[r] > 0]
+    depth = 0
+    if crit and not blocked:
+        reach = min(sizes[r] for r in crit)
+        ahead = np.prod(np.stack([chances[r][:reach] for r in crit]), axis=0)
+        gain = 1.0 + np.concatenate(([0.0], np.cumsum(ahead)))
+        js = np.arange(reach + 1)
+        t = a + b * np.maximum(0.0, base_tokens + len(crit) * js - k) + c * (js > 0)
+        depth = int(np.argmax(gain / np.maximum(t, 1e-12)))
+        for r in crit:
+            out[r] = depth
+    used = base_tokens + len(crit) * depth
+    room = total = sum(sizes[r] for r, f in enumerate(critical) if not f)
+    if b > 0:
+        room = min(total, max(0, int(k - used)))
+    if room <= 0 or (depth == 0 and c > 0):
+        return out
+    others = [r for r, f in enumerate(critical) if not f and sizes[r] > 0]
+    p = np.concatenate([chances[r] for r in others])
+    row = np.repeat(np.asarray(others), [sizes[r] for r in others])
+    order = np.argsort(-p, kind="stable")[:room]
+    for r, n in zip(*np.unique(row[order], return_counts=True)):
+        out[int(r)] = int(n)
+    return out
 
 
 def rows_bucket(rows: int) -> int:
@@ -168,6 +312,8 @@ class Governor:
     _step: int = 0
     _tries: int = 0
     _probe_left: int = 0
+    probing: bool = False
+    """This step's layer-skip drafts are a probe (one row)."""
     _backoff: int = 40
     _next_probe: int = 0
     _last_arm: int | None = None
@@ -183,8 +329,9 @@ class Governor:
         if seconds + self._last_own_s > 5.0:  # the engine was idle or stalled: not decoding
             return
         scheduled = rows if scheduled is None else scheduled
-        self.verify.add(scheduled, seconds)
-        self.by_rows.setdefault(rows_bucket(rows), StepCost()).add(scheduled, seconds)
+        drafted = scheduled > rows
+        self.verify.add(scheduled, seconds, drafted)
+        self.by_rows.setdefault(rows_bucket(rows), StepCost()).add(scheduled, seconds, drafted)
         self.recent.add(rows, committed, max(scheduled - rows, 0))
 
     def observe_skip(self, rows: int, drafted: int, accepted: int) -> None:
@@ -204,26 +351,40 @@ class Governor:
         return rows * r.tau / max(self.step_cost(rows)(rows * (1.0 + r.drafts)), 1e-9)
 
     def token_price(self, rows: int) -> float:
-        """What verifying one more draft token costs, in tokens (0 with the governor off)."""
+        """What verifying one more draft token costs now, in tokens (0 with the governor off)."""
         if not self.enabled:
             return 0.0
-        _, b = self.step_cost(rows).coef()
-        return b * self.rate(rows)
+        return self.step_cost(rows).marginal(rows * (1.0 + self.recent.drafts)) * self.rate(rows)
 
     # -- deciding -------------------------------------------------------------------------
+    def draft_lengths(self, chances: list[np.ndarray], base_tokens: int, rows: int,
+                      critical: list[bool] | None = None, blocked: bool = False) -> list[int]:
+        """Tokens of each draft worth verifying this step (all of them with the governor off):
+        for throughput while requests wait (``critical`` None), else for the batch's end."""
+        if not self.enabled:
+            return [int(c.size) for c in chances]
+        if critical is None:
+            return best_draft_lengths(chances, base_tokens, rows, self.step_cost(rows))
+        return wave_draft_lengths(chances, critical, blocked, base_tokens, self.step_cost(rows))
+
     def use_skip(self, rows: int) -> bool:
-        """Layer-skip drafts this step, for the rows without a paying context draft?"""
+        """Layer-skip drafts this step, for the rows without a paying context draft? While they
+        are being learnt or re-measured (``probing``), on one row only: a probe over a whole large
+        batch costs several full steps."""
         self._step += 1
+        self.probing = False
         if not self.enabled:
             return True
         if self.skip.steps < self.min_steps and self._tries < 4 * self.min_steps:
             # Learn first. Unmeasured tries (no row left for layer-skip, prefills) are capped.
             self._tries += 1
+            self.probing = True
             return True
         if self.skip.value(self.token_price(rows), self.rate(rows)) > 0:
             self._backoff = self.probe_every
             self._next_probe = self._step + self._backoff
             return True
+        self.probing = True
         if self._probe_left > 0:
             self._probe_left -= 1
             return True
@@ -233,6 +394,7 @@ class Governor:
             self._next_probe = self._step + self._backoff
             self._backoff = min(2 * self._backoff, self.max_probe_every)
             return True
+        self.probing = False
         return False
 
     def finish(self, arm: int, skip_s: float, own_s: float, now: float | None = None) -> None:

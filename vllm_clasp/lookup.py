@@ -6,8 +6,9 @@ and the layer-skip draft is not needed for that sequence in that round.
 Short matches are often wrong (a 1-gram continuation is right about a quarter of the time on
 Spec-Bench), long ones rarely (5-grams: ~90 %). Whether a draft token is worth verifying depends on
 the batch: verifying it costs next to nothing at batch size 1 on this CPU and a good share of a
-step at 16. So every match is taken, and ``LookupAcceptance`` cuts each draft where its measured
-acceptance falls below what verifying one more token costs (the governor's price, in tokens).
+step at 16. So every match is taken, ``LookupAcceptance`` gives each token its measured chance of
+acceptance, and the governor verifies the tokens that make the step most productive
+(``governor.best_draft_lengths``).
 """
 
 from __future__ import annotations
@@ -61,6 +62,8 @@ class LookupAcceptance:
     prior_trials: float = 2.0
     decay: float = 0.998
     explore_every: int = 16
+    max_scale: float = 4.0
+    """Cap on a sequence's calibration factor."""
     trials: dict[tuple[bool, int, int], float] = field(default_factory=dict)
     accepts: dict[tuple[bool, int, int], float] = field(default_factory=dict)
     _drafts: int = 0
@@ -69,21 +72,18 @@ class LookupAcceptance:
         key = (sampled, n, j)
         return (self.accepts.get(key, 0.0) + self.prior_accepts) / (self.trials.get(key, 0.0) + self.prior_trials)
 
-    def keep(self, sampled: bool, n: int, length: int, price: float, seq: "SeqAcceptance | None" = None) -> int:
-        """How many of a ``length``-token draft from an n-gram match to propose: while the chance
-        that every token so far is accepted is at least ``price``. ``seq`` scales the chances by
-        how this sequence's context drafts have fared against them (free text vs copying)."""
+    def chances(self, sampled: bool, n: int, length: int, seq: "SeqAcceptance | None" = None) -> np.ndarray:
+        """For a ``length``-token draft from an n-gram match: the chance that tokens 0..j are all
+        accepted, for each j. ``seq`` scales the table's chances by how this sequence's context
+        drafts have fared against them (free text vs copying)."""
+        scale = min(seq.scale(), self.max_scale) if seq is not None else 1.0
+        r = [min(1.0, self.rate(sampled, n, j) * scale) for j in range(length)]
+        return np.cumprod(np.asarray(r, dtype=np.float64))
+
+    def explore(self) -> bool:
+        """Should this draft keep one token past its cut? True for every ``explore_every``-th."""
         self._drafts += 1
-        if price <= 0.0:
-            return length
-        extra = 1 if self._drafts % self.explore_every == 0 else 0
-        scale = seq.scale() if seq is not None else 1.0
-        p = 1.0
-        for j in range(length):
-            p *= min(1.0, self.rate(sampled, n, j) * scale)
-            if p < price:
-                return min(j + extra, length)
-        return length
+        return self._drafts % self.explore_every == 0
 
     def update(self, sampled: bool, n: int, verified: int, accepted: int, seq: "SeqAcceptance | None" = None) -> None:
         """A draft of ``verified`` tokens from an n-gram match had its first ``accepted`` accepted."""

@@ -26,7 +26,8 @@ from vllm.config import VllmConfig
 from vllm.logger import init_logger
 
 from vllm_clasp.config import PARAMS_ATTR, ClaspConfig
-from vllm_clasp.governor import LOOKUP, PLAIN, SKIP, Governor
+from vllm_clasp.patches import WAITING_ATTR
+from vllm_clasp.governor import LOOKUP, PLAIN, SKIP, Governor, critical_rows
 from vllm_clasp.lookup import LookupAcceptance, SeqAcceptance, lookup_match
 from vllm_clasp.drafting import DraftHead, KVGroup, LayerStack, ScratchLayerRunner, draft_step, kv_group_from_runner, layer_stack
 from vllm_clasp.metrics import observe_plan
@@ -40,6 +41,7 @@ class _SeqState:
     keep: torch.Tensor | None = None  # [L] bool, layers the draft runs
     rounds_since_plan: int = 0
     lookup_n: int = 0  # n-gram length behind the context draft proposed last round (0: none)
+    lookup_expect: float = 0.0  # the chances of that draft's tokens, summed
     skip_drafted: bool = False  # last round's draft came from the layer-skip model
     lookup: SeqAcceptance = field(default_factory=SeqAcceptance)
 
@@ -59,6 +61,8 @@ class ClaspStats:
     exits: int = 0  # rounds ended by the draft-exit threshold
     lookup_rounds: int = 0  # sequence-rounds drafted from the context (no layer-skip draft)
     lookup_tokens: int = 0
+    lookup_expected: float = 0.0  # sum of the chances of verified context-draft tokens
+    lookup_accepted: int = 0  # context-draft tokens accepted (calibration: against lookup_expected)
     skipped_hist: dict[int, int] = field(default_factory=dict)
     plan_s_hist: dict[float, int] = field(default_factory=dict)  # see metrics.observe_plan
 
@@ -161,11 +165,13 @@ class ClaspProposer:
                 self.lookup_acceptance.update(
                     sampling.is_random(i), st.lookup_n, num_draft, len(sampled_token_ids[i]) - 1, st.lookup
                 )
+                self.stats.lookup_expected += st.lookup_expect
+                self.stats.lookup_accepted += len(sampled_token_ids[i]) - 1
             if st.skip_drafted:
                 skip_rows_v += 1
                 skip_drafted_v += num_draft
                 skip_accepted_v += len(sampled_token_ids[i]) - 1
-            st.lookup_n, st.skip_drafted = 0, False
+            st.lookup_n, st.lookup_expect, st.skip_drafted = 0, 0.0, False
             if st.keep is None:
                 due.append((0, i))
             elif st.rounds_since_plan > self.cfg.replan_interval:
@@ -181,19 +187,43 @@ class ClaspProposer:
         # or on which other requests share the step.
         use_skip = self.governor.use_skip(len(active))
         pinned = {i for i in active if sampling.is_seeded(i)}
+        # No request waiting for a slot: the batch ends with its slowest sequences, and only
+        # drafts that move them count (governor.critical_rows).
+        crit = None
+        if self.governor.enabled:
+            c = critical_rows(self._remaining(runner, req_ids, active, num_tokens), getattr(scheduler_output, WAITING_ATTR, None))
+            crit = dict(zip(active, c)) if c is not None else None
         # Zero-cost context drafts first; those sequences need no layer-skip draft this round.
         # Each is cut where its measured acceptance no longer pays for verifying it.
         looked_up: set[int] = set()
         t_lookup = time.perf_counter()
         if self.cfg.lookup_max > 0:
-            price = self.governor.token_price(len(active))
+            found: dict[int, tuple[np.ndarray, int]] = {}
             for i in active:
                 n_i = int(num_tokens[i])
                 k = min(self.k, self.max_model_len - n_i)
                 d, n = lookup_match(batch.token_ids_cpu[i, :n_i], self.cfg.lookup_min, self.cfg.lookup_max, k)
-                if d.size and i not in pinned:
-                    st = self.seqs[req_ids[i]]
-                    d = d[: self.lookup_acceptance.keep(sampling.is_random(i), n, int(d.size), price, st.lookup)]
+                if d.size:
+                    found[i] = (d, n)
+            free = [i for i in found if i not in pinned]
+            if free:
+                acc = self.lookup_acceptance
+                chances = [
+                    acc.chances(sampling.is_random(i), found[i][1], int(found[i][0].size), self.seqs[req_ids[i]].lookup)
+                    for i in free
+                ]
+                base = len(active) + sum(int(found[i][0].size) for i in found if i in pinned)
+                if crit is None:
+                    lengths = self.governor.draft_lengths(chances, base, len(active))
+                else:
+                    blocked = any(crit[i] and i not in found for i in active)
+                    lengths = self.governor.draft_lengths(chances, base, len(active), [crit[i] for i in free], blocked)
+                for i, c, m in zip(free, chances, lengths):
+                    if m < c.size and acc.explore():
+                        m += 1  # keeps the cut cells measured
+                    found[i] = (found[i][0][:m], found[i][1])
+                    self.seqs[req_ids[i]].lookup_expect = float(c[:m].sum())
+            for i, (d, n) in found.items():
                 if d.size:
                     drafts[i] = d.tolist()
                     looked_up.add(i)
@@ -202,7 +232,13 @@ class ClaspProposer:
             self.stats.lookup_tokens += sum(len(drafts[i]) for i in looked_up)
         t0 = time.perf_counter()
         plan_s_before = self.stats.plan_s
-        skip_rows = [i for i in active if i not in looked_up and (use_skip or i in pinned)]
+        skip_rows = [
+            i for i in active
+            if i not in looked_up and ((use_skip and (crit is None or crit[i])) or i in pinned)
+        ]
+        if self.governor.probing:
+            free_rows = [i for i in skip_rows if i not in pinned]
+            skip_rows = [i for i in skip_rows if i in pinned] + free_rows[:1]
         if skip_rows and self.num_skip > 0:
             # Plan: never-planned sequences first, then the most overdue; pinned ones always.
             due = [d for d in due if d[1] in skip_rows]
@@ -230,6 +266,18 @@ class ClaspProposer:
         arm = SKIP if rows else LOOKUP if looked_up else PLAIN
         self.governor.finish(arm, skip_s, end - now, end)
         return drafts
+
+    def _remaining(self, runner: Any, req_ids: list[str], rows: list[int], num_tokens: np.ndarray) -> list[int]:
+        """Tokens each sequence may still generate (max_tokens, the model's length)."""
+        out = []
+        for i in rows:
+            st = runner.requests.get(req_ids[i])
+            sp = getattr(st, "sampling_params", None)
+            left = self.max_model_len - int(num_tokens[i])
+            if sp is not None and sp.max_tokens is not None and st is not None:
+                left = min(left, int(sp.max_tokens) - (int(num_tokens[i]) - int(st.num_prompt_tokens)))
+            out.append(left)
+        return out
 
     def _plan(self, rid: str, aux: list[torch.Tensor], tok_idx: int, pos: int, block_row: torch.Tensor) -> None:
         stack, kv = self.stack, self.kv
