@@ -73,3 +73,29 @@ def test_bench_command_end_to_end_on_the_tiny_model(tiny_model, tmp_path):
     cells = json.loads((sweep / "sweep.json").read_text())["cells"]
     assert {(c["skip_layers"], c["k"]) for c in cells} == {(1.0, 2), (1.0, 3), (2.0, 2), (2.0, 3)}
     assert all(c["identical"] == 1.0 for c in cells) and (sweep / "sweep.png").exists()
+
+
+def test_breakdown_splits_the_step_and_its_command_runs(tiny_model, tmp_path):
+    from vllm_clasp.breakdown import PARTS, split_step_time
+
+    parts = split_step_time({"step": 1.0, "forward": 0.5, "prepare": 0.05, "sampler": 0.1, "bookkeeping": 0.05},
+                            {"draft_s": 0.1, "plan_s": 0.05})
+    assert set(parts) == set(PARTS) and parts["scheduler & rest"] == pytest.approx(0.15)
+    assert sum(parts.values()) == pytest.approx(1.0)
+    out = tmp_path / "bd"
+    cmd = [sys.executable, "-m", "vllm_clasp.cli", "breakdown", "--model", tiny_model, "--groups", "QA",
+           "--per-group", "2", "--batch-sizes", "1,2", "--max-tokens", "8", "--out", str(out)]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stderr[-3000:]
+    rows = json.loads((out / "breakdown.json").read_text())["rows"]
+    assert {(r["method"], r["batch_size"]) for r in rows} == {
+        (m, b) for m in ("plain", "clasp as published", "clasp") for b in (1, 2)}
+    for row in rows:
+        ms = row["ms_per_token"]
+        assert row["tokens"] > 0 and ms["forward"] > 0 and ms["sampler"] > 0
+        if row["method"] == "plain":
+            assert ms["drafting"] == 0 and ms["planning"] == 0
+    assert any(r["ms_per_token"]["planning"] > 0 for r in rows if r["method"] == "clasp as published")
+    assert (out / "breakdown.png").stat().st_size > 1000
+    bad = subprocess.run(cmd[:-2] + ["--batch-sizes", "0"], capture_output=True, text=True, timeout=300)
+    assert bad.returncode != 0 and "--batch-sizes" in bad.stderr

@@ -61,11 +61,12 @@ def test_follows_a_change_in_workload_by_probing():
     assert share(chosen[-100:]) > 0.9
 
 
-def test_probes_back_off_while_layer_skip_keeps_losing():
+def test_probes_back_off_and_stay_within_their_time_budget_while_layer_skip_keeps_losing():
     g = Governor()
     chosen = Engine(acc=0.1, kappa=1.0).run(g, 1, 3000)
     early, late = share(chosen[20:520]), share(chosen[-1000:])
-    assert 0 < late < early
+    assert 0 < late <= early
+    assert g._probe_s <= 1.5 * g.probe_budget * g._busy_s
 
 
 def test_disabled_always_drafts_and_prices_nothing():
@@ -202,3 +203,32 @@ def test_step_cost_tells_the_once_per_step_cost_of_drafting_from_the_per_token_c
     # a lone draft token must now beat the once-per-step cost as well as its own
     one = best_draft_lengths([np.array([0.6])] + [np.zeros(0)] * 15, 16, 16, c)
     assert one[0] == 0
+
+
+def test_critical_rows_only_when_no_request_waits():
+    from vllm_clasp.governor import critical_rows
+
+    assert critical_rows([60, 63, 10], waiting=3) is None  # a queue: throughput counts
+    assert critical_rows([60, 63, 10], waiting=None) is None  # unknown: the same
+    assert critical_rows([63], waiting=0) is None  # one sequence: it is the batch
+    assert critical_rows([60, 63, 10, 62], waiting=0) == [False, True, False, True]
+
+
+def test_wave_drafts_move_the_slowest_sequences_together_or_not_at_all():
+    from vllm_clasp.governor import wave_draft_lengths
+
+    cost = _linear(0.053 - 0.0022 * 16, 0.0022)  # batch 16 here: every verified token costs
+    sure = np.cumprod([0.95] * 6)
+    weak = np.cumprod([0.3] * 6)
+    # both critical sequences have sure drafts: one common depth for them, nothing for the others
+    got = wave_draft_lengths([sure, sure, sure], [True, True, False], False, 16, cost)
+    assert got[0] == got[1] > 0 and got[2] == 0
+    # one critical sequence has nothing to draft: the batch's end cannot move, nobody drafts
+    assert wave_draft_lengths([sure, sure], [True, False], True, 16, cost) == [0, 0]
+    # a weak draft on one critical sequence makes a deep common draft worthless
+    assert wave_draft_lengths([sure, weak], [True, True], False, 16, cost)[0] <= 1
+    # verification free (below the knee, as at batch 1-8 here): the others may use the room
+    flat = StepCost()
+    for t in (1, 2, 3, 4, 5, 6) * 20:
+        flat.add(t, 0.033)
+    assert wave_draft_lengths([weak, sure], [True, False], True, 2, flat) == [0, 6]

@@ -182,6 +182,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     from vllm_clasp import bench
 
     bench.add_arguments(b)
+    bd = sub.add_parser("breakdown", help="where decoding time goes per token: plain, clasp as published, clasp")
+    from vllm_clasp import breakdown
+
+    breakdown.add_arguments(bd)
     lt = sub.add_parser("loadtest", help="plain vs clasp servers under the same concurrent streaming load")
     from vllm_clasp.loadtest import add_arguments as add_loadtest_arguments
 
@@ -190,7 +194,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     sub.add_parser("vllm", help="any vllm subcommand: vllm-clasp vllm <subcommand> ...")
     args = p.parse_args(argv)
     cmds = {"prepare-model": cmd_prepare_model, "demo": cmd_demo, "draft-cost": cmd_draft_cost, "plans": cmd_plans,
-            "bench": cmd_bench, "loadtest": cmd_loadtest}
+            "bench": cmd_bench, "loadtest": cmd_loadtest, "breakdown": lambda a: breakdown.main(a)}
     return cmds[args.cmd](args)
 
 

@@ -11,8 +11,8 @@ Every draft token is priced in the same unit, tokens of output:
 * layer-skip drafts cost draft forwards and plans. They are used for the sequences that have no
   paying context draft while, measured on exactly those rows,
   ``accepted tokens > price · drafted tokens + drafting seconds · rate`` (``use_skip``). While they
-  do not pay, a couple of steps re-measure them now and then, less often each time they still do
-  not (the workload may change).
+  do not pay, a couple of steps re-measure them on one sequence now and then, less often each time
+  they still do not (the workload may change), and never more than 1 % of the time.
 
 Step cost: ``t(T) = a + b·max(0, T − knee)`` for a step that verified ``T`` tokens (``StepCost``),
 fitted per batch-size bucket over measured steps (those without a prefill). On this CPU a step
@@ -298,6 +298,9 @@ class Governor:
     probe_len: int = 3
     probe_forget: float = 0.2
     """A probe weighs the layer-skip figures measured before it by this much."""
+    probe_budget: float = 0.01
+    """Most of the time since start that probes (plans and draft forwards that did not pay)
+    may take: a probe on a large batch costs several full steps."""
     verify: StepCost = field(default_factory=StepCost)
     by_rows: dict[int, StepCost] = field(default_factory=dict)
     """The same fit per batch-size bucket: the marginal cost of a token is not the same at every
@@ -314,6 +317,8 @@ class Governor:
     _probe_left: int = 0
     probing: bool = False
     """This step's layer-skip drafts are a probe (one row)."""
+    _probe_s: float = 0.0
+    _busy_s: float = 0.0
     _backoff: int = 40
     _next_probe: int = 0
     _last_arm: int | None = None
@@ -323,10 +328,13 @@ class Governor:
                 scheduled: int | None = None, rows: int | None = None) -> None:
         """Account the step that just finished: tokens committed, tokens it verified."""
         now = time.perf_counter() if now is None else now
-        if self._last_end is None or not measurable or committed <= 0 or not rows:
+        if self._last_end is None:
             return
         seconds = now - self._last_end
         if seconds + self._last_own_s > 5.0:  # the engine was idle or stalled: not decoding
+            return
+        self._busy_s += seconds
+        if not measurable or committed <= 0 or not rows:
             return
         scheduled = rows if scheduled is None else scheduled
         drafted = scheduled > rows
@@ -367,6 +375,16 @@ class Governor:
             return best_draft_lengths(chances, base_tokens, rows, self.step_cost(rows))
         return wave_draft_lengths(chances, critical, blocked, base_tokens, self.step_cost(rows))
 
+    def free_tokens(self, rows: int, tokens: int) -> float:
+        """Draft tokens a step of ``tokens`` verified tokens could add at no cost: below the
+        step-cost knee, where drafting has no once-per-step cost either."""
+        if not self.enabled:
+            return float("inf")
+        a, b, k, c = self.step_cost(rows).fit()
+        if c > 0:
+            return 0.0
+        return float("inf") if b == 0 else float(max(0, k - tokens))
+
     def use_skip(self, rows: int) -> bool:
         """Layer-skip drafts this step, for the rows without a paying context draft? While they
         are being learnt or re-measured (``probing``), on one row only: a probe over a whole large
@@ -388,7 +406,7 @@ class Governor:
         if self._probe_left > 0:
             self._probe_left -= 1
             return True
-        if self._step >= self._next_probe:
+        if self._step >= self._next_probe and self._within_budget():
             self.skip.forget(self.probe_forget)
             self._probe_left = self.probe_len - 1
             self._next_probe = self._step + self._backoff
@@ -397,6 +415,9 @@ class Governor:
         self.probing = False
         return False
 
+    def _within_budget(self) -> bool:
+        return self._probe_s <= self.probe_budget * self._busy_s
+
     def finish(self, arm: int, skip_s: float, own_s: float, now: float | None = None) -> None:
         """The step's arm (what it drafted), seconds spent on layer-skip drafts and plans, and on
         our whole part of the step; when our part ended."""
@@ -404,4 +425,7 @@ class Governor:
         self._last_skip_s = skip_s
         self._last_own_s = own_s
         self._last_end = time.perf_counter() if now is None else now
+        self._busy_s += own_s
+        if self.probing:
+            self._probe_s += skip_s
         self.steps_by_arm[arm] = self.steps_by_arm.get(arm, 0) + 1

@@ -38,7 +38,10 @@ CLaSp rides on vLLM's ``custom_class`` speculative method:
 
 from __future__ import annotations
 
+import collections
 import functools
+import importlib
+import time
 from typing import Any, Callable
 
 from vllm_clasp.config import (
@@ -598,3 +601,41 @@ ALL_PATCHES: tuple[type[VllmPatch], ...] = (
 def apply_all() -> None:
     for p in ALL_PATCHES:
         p.apply()
+
+
+# Measurement only ------------------------------------------------------------------------------
+# Not in ALL_PATCHES: ``vllm-clasp breakdown`` applies these around its own in-process engines and
+# reverts them. Each adds the seconds spent in one method to ``STEP_TIMES[part]``.
+
+STEP_TIMES: collections.defaultdict[str, float] = collections.defaultdict(float)
+
+
+def _step_timer(module: str, owner: str, attr: str, part: str) -> type[VllmPatch]:
+    class TimeStepPart(VllmPatch):
+        @classmethod
+        def target(cls):
+            return getattr(importlib.import_module(module), owner), attr
+
+        @classmethod
+        def build(cls, original: Callable) -> Callable:
+            @functools.wraps(original)
+            def timed(self, *args: Any, **kwargs: Any):
+                t0 = time.perf_counter()
+                try:
+                    return original(self, *args, **kwargs)
+                finally:
+                    STEP_TIMES[part] += time.perf_counter() - t0
+
+            return timed
+
+    TimeStepPart.__name__ = TimeStepPart.__qualname__ = f"Time{owner}{attr.title().replace('_', '')}"
+    return TimeStepPart
+
+
+STEP_TIMING_PATCHES: tuple[type[VllmPatch], ...] = (
+    _step_timer("vllm.v1.engine.core", "EngineCore", "step", "step"),
+    _step_timer("vllm.v1.worker.gpu_model_runner", "GPUModelRunner", "_model_forward", "forward"),
+    _step_timer("vllm.v1.worker.gpu_model_runner", "GPUModelRunner", "_prepare_inputs", "prepare"),
+    _step_timer("vllm.v1.worker.gpu_model_runner", "GPUModelRunner", "_sample", "sampler"),
+    _step_timer("vllm.v1.worker.gpu_model_runner", "GPUModelRunner", "_bookkeeping_sync", "bookkeeping"),
+)

@@ -199,12 +199,18 @@ class ClaspProposer:
         t_lookup = time.perf_counter()
         if self.cfg.lookup_max > 0:
             found: dict[int, tuple[np.ndarray, int]] = {}
-            for i in active:
+            order = active if crit is None else sorted(active, key=lambda i: not crit[i])  # critical first
+            rest_moot = False
+            for i in order:
+                if rest_moot and not crit[i] and i not in pinned:
+                    continue
                 n_i = int(num_tokens[i])
                 k = min(self.k, self.max_model_len - n_i)
                 d, n = lookup_match(batch.token_ids_cpu[i, :n_i], self.cfg.lookup_min, self.cfg.lookup_max, k)
                 if d.size:
                     found[i] = (d, n)
+                elif crit is not None and crit[i] and not self.governor.free_tokens(len(active), len(active)):
+                    rest_moot = True  # the batch's end cannot move this step, and nothing else is free
             free = [i for i in found if i not in pinned]
             if free:
                 acc = self.lookup_acceptance
@@ -219,7 +225,7 @@ class ClaspProposer:
                     blocked = any(crit[i] and i not in found for i in active)
                     lengths = self.governor.draft_lengths(chances, base, len(active), [crit[i] for i in free], blocked)
                 for i, c, m in zip(free, chances, lengths):
-                    if m < c.size and acc.explore():
+                    if crit is None and m < c.size and acc.explore():
                         m += 1  # keeps the cut cells measured
                     found[i] = (found[i][0][:m], found[i][1])
                     self.seqs[req_ids[i]].lookup_expect = float(c[:m].sum())
