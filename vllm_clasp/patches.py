@@ -34,6 +34,9 @@ CLaSp rides on vLLM's ``custom_class`` speculative method:
 * PlainSamplingWithoutDrafts: a clasp step in which no request has drafts is prepared and sampled
   as a plain step (no spec-decode metadata, vLLM's ordinary sampler), so a clasp engine that has
   turned drafting down costs what plain vLLM costs.
+
+Measurement only, not applied by the plugin: ``STEP_TIMING_PATCHES`` time parts of the engine step
+for ``vllm-clasp breakdown``.
 """
 
 from __future__ import annotations
