@@ -129,7 +129,7 @@ def test_price_uses_the_slope_at_this_batch_size():
         g.by_rows.setdefault(8, StepCost()).add(8 * t, 0.026 + 0.0015 * 8 * t)
     assert abs(g.token_price(1)) < 1e-9
     assert abs(g.step_cost(8).coef()[1] - 0.0015) < 1e-6
-    assert g.step_cost(16) is g.verify  # nothing measured there yet
+    assert g.step_cost(16).cost is g.verify  # nothing measured there yet
 
 
 def test_step_cost_finds_the_knee_where_tokens_start_to_cost():
@@ -232,3 +232,47 @@ def test_wave_drafts_move_the_slowest_sequences_together_or_not_at_all():
     for t in (1, 2, 3, 4, 5, 6) * 20:
         flat.add(t, 0.033)
     assert wave_draft_lengths([weak, sure], [True, False], True, 2, flat) == [0, 6]
+
+
+def test_may_use_skip_foretells_every_layer_skip_step_and_is_mostly_no_when_skip_loses():
+    """Asked before the forward (whether to capture hidden states for plans): it must say yes
+    whenever the step then drafts with layer skip, and no on most steps while layer skip loses."""
+
+    class Foretold(Engine):
+        def run(self, gov, rows, steps):
+            said = []
+            orig = gov.use_skip
+
+            def use_skip(r):
+                said.append(gov.may_use_skip(r))
+                return orig(r)
+
+            gov.use_skip = use_skip
+            try:
+                return list(zip(said, super().run(gov, rows, steps)))
+            finally:
+                del gov.use_skip
+
+    for e, rows in ((Engine(acc=0.1, kappa=1.0), 1), (Engine(), 1), (Engine(), 16), (Engine(acc=2.5), 4)):
+        g = Governor()
+        pairs = Foretold(e.a, e.b, e.d, e.acc, e.kappa).run(g, rows, 1500)
+        assert all(said for said, used in pairs if used)
+    losing = Foretold(acc=0.1, kappa=1.0).run(Governor(), 1, 1500)
+    assert share([said for said, _ in losing[-1000:]]) < 0.1
+    assert all(said for said, _ in Foretold().run(Governor(enabled=False), 8, 20))
+
+
+def test_step_cost_tells_a_sequence_from_a_verified_token():
+    """A shrinking batch: fewer sequences make cheaper steps. Without the per-row term that
+    passes for a per-token slope from very few tokens on, and nothing below 8 tokens looks free."""
+    rng = np.random.default_rng(1)
+    c = StepCost()
+    for _ in range(600):
+        rows = int(rng.integers(5, 9))
+        t = rows + int(rng.integers(0, 9)) * (rng.random() < 0.3)
+        sec = 0.030 + 0.0015 * rows + 0.0019 * max(0, t - 12) + 0.001 * (t > rows)
+        c.add(t, sec * (1 + 0.01 * rng.standard_normal()), t > rows, rows)
+    a, b, k, cc = c.fit(8)
+    # near-ties between knees go to the mildest slope (few steps lie past 12): 10 or 12 here
+    assert 10 <= k <= 12 and 0 < b < 0.0025 and abs(c.per_row - 0.0015) < 0.0003
+    assert abs(a - (0.030 + 0.0015 * 8)) < 0.003

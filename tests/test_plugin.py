@@ -93,3 +93,79 @@ def test_a_clasp_step_without_drafts_is_prepared_as_a_plain_step():
     runner.input_batch.generators, runner.drafter = {}, object()  # not clasp (ngram, eagle): untouched
     prepare(runner, SimpleNamespace(scheduled_spec_decode_tokens={}))
     assert seen == [None, "spec", "spec", "spec"] and runner.speculative_config == "spec"
+
+
+def test_hidden_states_are_captured_only_in_steps_that_may_plan():
+    from vllm_clasp.patches import CaptureHiddenStatesOnlyForPlans
+    from vllm_clasp.proposer import ClaspProposer
+
+    switched = []
+    drafter = object.__new__(ClaspProposer)
+    drafter.needs_hidden_states = lambda runner, so: so.want
+    drafter.stack = SimpleNamespace(capture_all_layers=switched.append)
+    runner = SimpleNamespace(drafter=drafter, use_aux_hidden_state_outputs=True,
+                             model_config=SimpleNamespace(enforce_eager=True))
+    update = CaptureHiddenStatesOnlyForPlans.build(lambda self, so: "updated")
+    assert update(runner, SimpleNamespace(want=False)) == "updated"
+    assert switched == [False] and not runner.use_aux_hidden_state_outputs
+    update(runner, SimpleNamespace(want=False))  # no change: nothing switched again
+    update(runner, SimpleNamespace(want=True))
+    assert switched == [False, True] and runner.use_aux_hidden_state_outputs
+    runner.model_config.enforce_eager = False  # a compiled forward keeps what it was built with
+    update(runner, SimpleNamespace(want=False))
+    assert switched == [False, True] and runner.use_aux_hidden_state_outputs
+
+
+def test_a_step_needs_hidden_states_when_a_sampled_row_is_due_a_plan_that_may_happen():
+    import numpy as np
+
+    from vllm_clasp.config import ClaspConfig
+    from vllm_clasp.governor import Governor
+    from vllm_clasp.proposer import ClaspProposer, _SeqState
+
+    p = object.__new__(ClaspProposer)
+    p.cfg, p.num_skip, p.governor = ClaspConfig(), 12, Governor()
+    planned = _SeqState(keep=np.ones(30, dtype=bool))
+    p.seqs = {"a": planned}
+    batch = SimpleNamespace(req_ids=["a", "b"], generators={}, num_computed_tokens_cpu=np.array([40, 0]),
+                            num_prompt_tokens=np.array([20, 100]))
+    runner = SimpleNamespace(input_batch=batch)
+    step = SimpleNamespace(num_scheduled_tokens={"a": 1, "b": 50})
+    assert not p.needs_hidden_states(runner, step)  # "a" has a fresh plan; "b" is mid-prefill
+    step.num_scheduled_tokens["b"] = 100  # "b"'s prefill ends: its first plan is due
+    assert p.needs_hidden_states(runner, step)
+    p.governor.may_use_skip = lambda rows: False  # layer skip off: no plans
+    assert not p.needs_hidden_states(runner, step)
+    batch.generators = {1: object()}  # ... except for seeded rows, which always plan when due
+    assert p.needs_hidden_states(runner, step)
+    batch.generators = {}
+    p.governor.may_use_skip = lambda rows: True
+    step.num_scheduled_tokens["b"] = 0
+    planned.rounds_since_plan = p.cfg.replan_interval  # "a" is due a re-plan
+    assert p.needs_hidden_states(runner, step)
+
+
+def test_drafts_travel_with_the_sampled_tokens_and_save_the_second_rpc():
+    import pickle
+
+    from vllm.v1.outputs import ModelRunnerOutput
+
+    from vllm_clasp.patches import KeepDraftsFromSampledTokens, SendDraftsWithSampledTokens, TakeDraftsWithoutRpc
+    from vllm_clasp.proposer import ClaspProposer
+
+    # worker: the drafts ride on the output, and survive the pickling between processes
+    runner = SimpleNamespace(drafter=object.__new__(ClaspProposer), take_draft_token_ids=lambda: "drafts")
+    worker_sample = SendDraftsWithSampledTokens.build(lambda self, g: ModelRunnerOutput(req_ids=["r"], req_id_to_index={"r": 0}))
+    out = pickle.loads(pickle.dumps(worker_sample(runner, None)))
+    # engine core: kept from the output, handed over once, without the RPC
+    rpcs = []
+    executor = SimpleNamespace()
+    KeepDraftsFromSampledTokens.build(lambda self, g: out)(executor, None)
+    take = TakeDraftsWithoutRpc.build(lambda self: rpcs.append(1) or "fetched")
+    assert take(executor) == "drafts" and rpcs == []
+    assert take(executor) == "fetched" and rpcs == [1]  # nothing kept: the RPC as before
+    # other methods: nothing attached, the RPC as before
+    runner.drafter = object()
+    plain_out = worker_sample(runner, None)
+    KeepDraftsFromSampledTokens.build(lambda self, g: plain_out)(executor, None)
+    assert take(executor) == "fetched" and rpcs == [1, 1]

@@ -2,8 +2,8 @@
 
 Every method gets its own engine and all engines stay up for the whole run, so that the prompts
 can be interleaved: each chunk of ``batch_size`` prompts of one Spec-Bench group runs through every
-method in turn (the order rotates from chunk to chunk), and a repeat does it all again. A slow
-moment on a shared machine then hits all methods alike, and the repeats show the spread. An
+method in turn (who goes first shifts by one from chunk to chunk and from repeat to repeat), and a
+repeat does it all again. A slow moment on a shared machine then hits all methods alike, and the repeats show the spread. An
 untimed pass over every chunk comes first (``--no-warmup`` leaves it out): the first run of a
 prompt batch pays one-off costs (new kernel shapes, KV-cache growth) that fall on whichever method
 met it first, and with it every timed repeat finds the prompts in vLLM's prefix cache alike.
@@ -31,6 +31,7 @@ from vllm_clasp.compare import (
     SPEC_COUNTERS,
     Question,
     _counters,
+    prefix_cache_counters,
     chat_token_ids,
     engine_kwargs,
     load_spec_bench,
@@ -145,11 +146,11 @@ def run_chunk(engines: Engines, m: Method, prompts: list[list[int]], sampling: A
     from vllm.inputs import TokensPrompt
 
     llm = engines.llms[m.name]
-    c0, s0 = _counters(llm), engines.clasp_counters(m)
+    c0, s0 = {**_counters(llm), **prefix_cache_counters(llm)}, engines.clasp_counters(m)
     t0 = time.perf_counter()
     outs = llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], sampling, use_tqdm=False)
     dt = time.perf_counter() - t0
-    c1, s1 = _counters(llm), engines.clasp_counters(m)
+    c1, s1 = {**_counters(llm), **prefix_cache_counters(llm)}, engines.clasp_counters(m)
     return dt, [list(o.outputs[0].token_ids) for o in outs], _diff(c0, c1), _diff(s0, s1)
 
 
@@ -185,11 +186,13 @@ def run_bench(
             from tqdm import tqdm
 
             bar = tqdm(total=(repeats + warmup) * len(plan) * len(methods), desc="bench", unit="chunk")
-        turn = 0
         for r in range(-1 if warmup else 0, repeats):  # -1: the untimed pass
-            for g, idx in plan:
-                order = methods[turn % len(methods) :] + methods[: turn % len(methods)]
-                turn += 1
+            for ci, (g, idx) in enumerate(plan):
+                # Who goes first shifts by chunk and by repeat: with a running count it stayed the
+                # same for a chunk in every repeat whenever len(plan) was a multiple of the
+                # number of methods, so a first-in-line penalty fell on one method per group.
+                turn = (ci + r) % len(methods)
+                order = methods[turn:] + methods[:turn]
                 for m in order:
                     dt, outs, ctr, cl = run_chunk(engines, m, [prompts[i] for i in idx], sampling)
                     if r >= 0:

@@ -101,6 +101,26 @@ _SPEC_PROM_ATTRS = {
 }
 
 
+_PREFIX_PROM_ATTRS = {
+    "prefix_queries": "counter_prefix_cache_queries",
+    "prefix_hits": "counter_prefix_cache_hits",
+}
+
+
+def prefix_cache_counters(llm: Any) -> dict[str, float]:
+    """Prompt tokens looked up in this engine's prefix cache, and found (0s when not kept)."""
+    mgr = getattr(getattr(llm, "llm_engine", None), "logger_manager", None)
+    for lg in getattr(mgr, "stat_loggers", []):
+        try:
+            return {
+                k: sum(float(c._value.get()) for c in getattr(lg, attr).values())
+                for k, attr in _PREFIX_PROM_ATTRS.items()
+            }
+        except AttributeError:
+            continue
+    return {k: 0.0 for k in _PREFIX_PROM_ATTRS}
+
+
 def _counters(llm: Any) -> dict[str, float]:
     """vLLM's spec-decode counters of this engine.
 

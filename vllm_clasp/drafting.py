@@ -68,8 +68,8 @@ class LayerStack:
                 raise UnsupportedModelError(f"decoder layer {i} has no self_attn.attn.layer_name")
             self.attn_names.append(name)
 
-    def capture_all_layers(self) -> None:
-        """Make the model's forward also return x_0..x_L (aux hidden states)."""
+    def capture_all_layers(self, on: bool = True) -> None:
+        """Make the model's forward also return x_0..x_L (aux hidden states), or stop it."""
         from vllm.model_executor.models.interfaces import supports_eagle3
 
         if not supports_eagle3(self.model):
@@ -77,7 +77,7 @@ class LayerStack:
                 f"clasp needs per-layer hidden states, which {type(self.model).__name__} cannot "
                 "return (it does not implement vLLM's SupportsEagle3 interface)"
             )
-        self.model.set_aux_hidden_state_layers(tuple(range(self.num_layers + 1)))
+        self.model.set_aux_hidden_state_layers(tuple(range(self.num_layers + 1)) if on else ())
 
     def embed(self, token_ids: torch.Tensor) -> torch.Tensor:
         return self.inner.embed_input_ids(token_ids)
@@ -123,12 +123,12 @@ class Gemma3Stack(LayerStack):
     adds them, switched on by the ``clasp_aux_layers`` attribute set here.
     """
 
-    def capture_all_layers(self) -> None:
+    def capture_all_layers(self, on: bool = True) -> None:
         from vllm_clasp.patches import Gemma3AllLayerHiddenStates
 
         if not Gemma3AllLayerHiddenStates.applied():
             raise UnsupportedModelError("clasp on Gemma 3 needs the Gemma3AllLayerHiddenStates patch")
-        self.inner.clasp_aux_layers = tuple(range(self.num_layers + 1))
+        self.inner.clasp_aux_layers = tuple(range(self.num_layers + 1)) if on else ()
 
 
 ADAPTERS: dict[str, type[LayerStack]] = {"Gemma3ForCausalLM": Gemma3Stack}

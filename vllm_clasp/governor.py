@@ -14,12 +14,14 @@ Every draft token is priced in the same unit, tokens of output:
   do not pay, a couple of steps re-measure them on one sequence now and then, less often each time
   they still do not (the workload may change), and never more than 1 % of the time.
 
-Step cost: ``t(T) = a + b·max(0, T − knee)`` for a step that verified ``T`` tokens (``StepCost``),
-fitted per batch-size bucket over measured steps (those without a prefill). On this CPU a step
+Step cost: ``t(T) = a + ρ·rows + c·[drafts] + b·max(0, T − knee)`` for a step that verified
+``T`` tokens (``StepCost``), fitted per batch-size bucket over measured steps (those without a
+prefill). On this CPU a step
 costs the same up to ~8–12 tokens, then ~2 ms per token: at batch 1 drafts are free, at 16 every
 draft token costs ~0.66 tokens of output. Context drafts are then chosen for the whole step at
 once (``best_draft_lengths``): the surest tokens first, as long as the step's tokens per second
-rise. On a GPU the knee lies far out and drafting stays wide.
+rise. With no request waiting, the batch ends with its slowest sequences: only drafts that move
+all of them count (``wave_draft_lengths``). On a GPU the knee lies far out and drafting stays wide.
 """
 
 from __future__ import annotations
@@ -40,42 +42,51 @@ _KNEES = np.asarray(KNEES, dtype=np.float64)
 
 @dataclass
 class StepCost:
-    """Step seconds against verified tokens ``T``: ``t = a + c·[drafts] + b·max(0, T − knee)``.
+    """Step seconds against verified tokens ``T``: ``t = a + ρ·rows + c·[drafts] + b·max(0, T − knee)``.
 
     A forward over a few tokens costs what one token costs (the weights are read once either way),
     then each token adds about the same: on this CPU flat up to ~8–12 tokens, then ~2 ms per token
     for the default model. A step with any draft also pays ``c`` once (vLLM's rejection sampler
-    and spec-decode bookkeeping, ~0.5–1.5 ms at batch 16 here). Decayed least squares for every
-    candidate knee; the knee kept is the one that fits best among those whose slope the data
-    shows (t-statistic > 2), the mildest slope among knees that fit about as well (two sizes seen
-    cannot place a knee). With no slope shown within the sizes seen, verified tokens are free
-    (``b = 0``): drafts grow until steps of a size that costs more are measured. One size seen so
-    far: the prior shape (``prior_slope`` × a per token from the first).
+    and spec-decode bookkeeping, ~0.5–1.5 ms at batch 16 here). Each sequence in the step adds
+    ``ρ`` (its attention over its own context, its sampling): without that term the rows of a
+    shrinking batch pass for verified tokens and the knee is placed far too low. Decayed least
+    squares for every candidate knee; the knee kept is the one that fits best among those whose
+    slope the data shows (t-statistic > 2), the mildest slope among knees that fit about as well
+    (two sizes seen cannot place a knee). With no slope shown within the sizes seen, verified
+    tokens are free (``b = 0``): drafts grow until steps of a size that costs more are measured.
+    One size seen so far: the prior shape (``prior_slope`` × a per token from the first).
+    ``fit(rows)`` gives ``a`` for that many sequences (the mean seen when not given).
     """
 
     decay: float = 0.99
     prior_slope: float = 0.15
     """Slope relative to the intercept while the data cannot tell (all steps one size)."""
-    m: np.ndarray = field(default_factory=lambda: np.zeros((len(KNEES), 4, 4)))
-    """Per knee, decayed sums of v·vᵀ with v = (1, max(0, T − knee), [drafts], seconds)."""
+    m: np.ndarray = field(default_factory=lambda: np.zeros((len(KNEES), 5, 5)))
+    """Per knee, decayed sums of v·vᵀ with v = (1, max(0, T − knee), [drafts], rows, seconds)."""
+    refit_every: int = 8
+    """Steps between two fits once 32 are in (a fit is ~1 ms of Python; the sums move slowly)."""
     w: float = 0.0
     st: float = 0.0
     stt: float = 0.0
-    _fit: tuple[float, float, int, float] | None = None
+    _fit: tuple[float, float, int, float, float, float] | None = None
+    _since_fit: int = 0
 
-    def add(self, tokens: float, seconds: float, drafted: bool | None = None) -> None:
+    def add(self, tokens: float, seconds: float, drafted: bool | None = None, rows: float = 0.0) -> None:
         d = self.decay
         self.w = self.w * d + 1.0
         self.st = self.st * d + tokens
         self.stt = self.stt * d + tokens * tokens
-        v = np.empty((len(KNEES), 4))
+        v = np.empty((len(KNEES), 5))
         v[:, 0] = 1.0
         v[:, 1] = np.maximum(tokens - _KNEES, 0.0)
         v[:, 2] = 0.0 if drafted is None else float(drafted)
-        v[:, 3] = seconds
+        v[:, 3] = rows
+        v[:, 4] = seconds
         self.m *= d
         self.m += v[:, :, None] * v[:, None, :]
-        self._fit = None
+        self._since_fit += 1
+        if self.w < 32 or self._since_fit >= self.refit_every:
+            self._fit = None
 
     @property
     def known(self) -> bool:
@@ -95,50 +106,77 @@ class StepCost:
         """``c``: seconds a step pays once for having any draft."""
         return self.fit()[3]
 
-    def fit(self) -> tuple[float, float, int, float]:
+    @property
+    def per_row(self) -> float:
+        """``ρ``: seconds each sequence adds to a step."""
         if self._fit is None:
-            self._fit = self._solve()
-        return self._fit
+            self._fit, self._since_fit = self._solve(), 0
+        return self._fit[4]
 
-    def _solve(self) -> tuple[float, float, int, float]:
+    def fit(self, rows: float | None = None) -> tuple[float, float, int, float]:
+        """(a, b, knee, c), ``a`` for ``rows`` sequences."""
+        if self._fit is None:
+            self._fit, self._since_fit = self._solve(), 0
+        a, b, k, c, rho, mean_rows = self._fit
+        return a + rho * (mean_rows if rows is None else rows), b, k, c
+
+    def at(self, rows: float) -> "StepCostAt":
+        return StepCostAt(self, rows)
+
+    def _solve(self) -> tuple[float, float, int, float, float, float]:
+        """(a at 0 rows, b, knee, c, ρ, mean rows)."""
         if self.w <= 0:
-            return 1.0, self.prior_slope, 0, 0.0
+            return 1.0, self.prior_slope, 0, 0.0, 0.0, 0.0
         w = self.w
-        mt, my = self.st / w, self.m[0, 0, 3] / w
+        mean_all = self.m[0, 0] / w  # E[v]
+        mt, my, mr = self.st / w, mean_all[4], mean_all[3]
         if not self.varied:
             a = my / (1.0 + self.prior_slope * mt)
-            return a, self.prior_slope * a, 0, 0.0
-        mz = self.m[0, 0, 2] / w
-        use_z = 0.02 < mz < 0.98  # steps with and without drafts both seen: c can be told
-        vy = max(self.m[0, 3, 3] / w - my * my, 0.0)
-        fits: list[tuple[float, float, float, int, float]] = []  # (residual variance, a, b, knee, c)
+            return a, self.prior_slope * a, 0, 0.0, 0.0, mr
+        use_z = 0.02 < mean_all[2] < 0.98  # steps with and without drafts both seen: c can be told
+        vy = max(self.m[0, 4, 4] / w - my * my, 0.0)
+        fits: list[tuple[float, float, float, int, float, float]] = []  # (res. variance, a0, b, knee, c, ρ)
         for i, k in enumerate(KNEES):
-            mom = self.m[i] / w
-            mean = mom[0, :3]
-            cov = mom[1:3, 1:4] - np.outer(mean[1:3], mom[0, 1:4])  # covariances of (x, z) with (x, z, y)
-            vx = cov[0, 0]
-            if vx <= 0.25:
+            E = self.m[i, 0] / w
+            cov = self.m[i, 1:, 1:] / w - np.outer(E[1:], E[1:])  # over (x, z, rows, y)
+            if cov[0, 0] <= 0.25:
                 continue  # (almost) every step at or below this knee: it says nothing
-            b = c = None
-            vb = vx - cov[0, 1] ** 2 / cov[1, 1] if use_z else vx  # x's variance z does not explain
-            if use_z and vb > 0.25:
-                A, r = cov[:, :2], cov[:, 2]
-                b, c = np.linalg.solve(A, r)
-                res = max(vy - (b * r[0] + c * r[1]), 0.0)
-            if c is None or c < 0:  # no z, sizes and drafts go together (batch 1), or noise
-                b, c = cov[0, 2] / vx, 0.0
-                res = max(vy - b * cov[0, 2], 0.0)
-                vb = vx
-            # t-statistic of the slope over an effective w steps
-            if b <= 0 or b * b * vb * max(w - 3.0, 1.0) <= 4.0 * res:
+            active = [0] + ([1] if use_z else []) + ([2] if cov[2, 2] > 0.25 else [])
+            while True:
+                C, r = cov[np.ix_(active, active)], cov[active, 3]
+                try:
+                    inv = np.linalg.inv(C)
+                except np.linalg.LinAlgError:
+                    inv = None
+                beta = inv @ r if inv is not None else None
+                # drop what the data cannot tell apart from the sizes, or shows negative (noise)
+                bad = [j for j, v in zip(active[1:], [] if beta is None else beta[1:]) if v < 0]
+                if beta is not None and inv[0, 0] > 0 and not bad:
+                    break
+                if len(active) == 1:
+                    beta = None
+                    break
+                active = active[:-1] if beta is None or inv[0, 0] <= 0 else [j for j in active if j not in bad]
+            if beta is None:
                 continue
-            fits.append((res, my - b * mean[1] - c * mean[2], float(b), k, float(c)))
+            vb = 1.0 / inv[0, 0]  # x's variance the other terms do not explain
+            if vb <= 0.25:
+                continue
+            res = max(vy - float(beta @ r), 0.0)
+            b = float(beta[0])
+            # t-statistic of the slope over an effective w steps
+            if b <= 0 or b * b * vb * max(w - 4.0, 1.0) <= 4.0 * res:
+                continue
+            coef = dict(zip(active, beta))
+            c, rho = float(coef.get(1, 0.0)), float(coef.get(2, 0.0))
+            a0 = my - b * E[1] - c * E[2] - rho * E[3]
+            fits.append((res, a0, b, k, c, rho))
         if not fits:
-            return my, 0.0, 0, 0.0  # steps of every size seen took as long
+            return my, 0.0, 0, 0.0, 0.0, mr  # steps of every size seen took as long
         # Knees the data cannot tell apart (few sizes seen) fit about as well: take the mildest.
         least = min(f[0] for f in fits)
-        _, a, b, k, c = min((f for f in fits if f[0] <= 1.05 * least + 1e-15), key=lambda f: f[2])
-        return a, b, k, c
+        _, a0, b, k, c, rho = min((f for f in fits if f[0] <= 1.05 * least + 1e-15), key=lambda f: f[2])
+        return a0, b, k, c, rho, mr
 
     def __call__(self, tokens: float, drafted: bool = False) -> float:
         a, b, k, c = self.fit()
@@ -148,6 +186,27 @@ class StepCost:
         """Seconds one more verified token adds to a step of ``tokens`` tokens."""
         a, b, k, c = self.fit()
         return b if tokens + 1 > k else 0.0
+
+
+@dataclass
+class StepCostAt:
+    """A ``StepCost`` read at a number of sequences."""
+
+    cost: StepCost
+    rows: float
+
+    def fit(self) -> tuple[float, float, int, float]:
+        return self.cost.fit(self.rows)
+
+    def coef(self) -> tuple[float, float, int]:
+        return self.fit()[:3]
+
+    def __call__(self, tokens: float, drafted: bool = False) -> float:
+        a, b, k, c = self.fit()
+        return a + b * max(0.0, tokens - k) + (c if drafted else 0.0)
+
+    def marginal(self, tokens: float) -> float:
+        return self.cost.marginal(tokens)
 
 
 def best_draft_lengths(chances: list[np.ndarray], base_tokens: int, base_committed: float, cost: StepCost) -> list[int]:
@@ -338,8 +397,8 @@ class Governor:
             return
         scheduled = rows if scheduled is None else scheduled
         drafted = scheduled > rows
-        self.verify.add(scheduled, seconds, drafted)
-        self.by_rows.setdefault(rows_bucket(rows), StepCost()).add(scheduled, seconds, drafted)
+        self.verify.add(scheduled, seconds, drafted, rows)
+        self.by_rows.setdefault(rows_bucket(rows), StepCost()).add(scheduled, seconds, drafted, rows)
         self.recent.add(rows, committed, max(scheduled - rows, 0))
 
     def observe_skip(self, rows: int, drafted: int, accepted: int) -> None:
@@ -349,9 +408,9 @@ class Governor:
             self.skip.add(rows, drafted, accepted, self._last_skip_s)
 
     # -- pricing --------------------------------------------------------------------------
-    def step_cost(self, rows: int) -> StepCost:
+    def step_cost(self, rows: int) -> StepCostAt:
         local = self.by_rows.get(rows_bucket(rows))
-        return local if local is not None and local.varied else self.verify
+        return (local if local is not None and local.varied else self.verify).at(rows)
 
     def rate(self, rows: int) -> float:
         """Tokens per second the engine makes now at ``rows`` sequences."""
@@ -414,6 +473,17 @@ class Governor:
             return True
         self.probing = False
         return False
+
+    def may_use_skip(self, rows: int) -> bool:
+        """Could the next ``use_skip`` say yes? Asked before the step's forward (which then
+        captures every layer's hidden states for plans only if so); changes nothing."""
+        if not self.enabled:
+            return True
+        if self.skip.steps < self.min_steps and self._tries < 4 * self.min_steps:
+            return True
+        if self.skip.value(self.token_price(rows), self.rate(rows)) > 0 or self._probe_left > 0:
+            return True
+        return self._step + 1 >= self._next_probe and self._within_budget()
 
     def _within_budget(self) -> bool:
         return self._probe_s <= self.probe_budget * self._busy_s

@@ -13,6 +13,7 @@ CLaSp rides on vLLM's ``custom_class`` speculative method:
   layer's hidden state).
 * CaptureAllLayerHiddenStates: the verification forward returns x_0..x_L (vLLM's EAGLE-3 aux
   hidden-state outputs, asked for every layer, through the model family's ``drafting`` adapter).
+* CaptureHiddenStatesOnlyForPlans (eager mode): ... but only in steps whose proposal may plan.
 * Gemma3AllLayerHiddenStates: the same aux outputs for Gemma3Model, which lacks them in 0.32.
 * RouteClaspProposals: the runner calls ClaspProposer.propose_from_runner with the runner, the
   verification metadata and those hidden states.
@@ -29,6 +30,9 @@ CLaSp rides on vLLM's ``custom_class`` speculative method:
   sampled speculative request (ngram's too) is verified against garbage-tempered logits.
 * SkipSamplingConstraintsWithoutDrafts (CPU only): a step in which no request has drafts still goes
   through the rejection sampler, and vLLM's CPU top-k path fails on the empty draft batch.
+* SendDraftsWithSampledTokens, KeepDraftsFromSampledTokens, TakeDraftsWithoutRpc: a step's draft
+  tokens travel with its sampled tokens, so the engine core does not fetch them from the worker
+  process in a second RPC.
 * ReportWaitingRequests (process 0): the scheduler output tells the workers how many requests
   wait for a slot, so the drafter knows whether finishing a sequence sooner lets another start.
 * PlainSamplingWithoutDrafts: a clasp step in which no request has drafts is prepared and sampled
@@ -218,6 +222,34 @@ class CaptureAllLayerHiddenStates(VllmPatch):
             self.use_aux_hidden_state_outputs = True
 
         return setup
+
+
+class CaptureHiddenStatesOnlyForPlans(VllmPatch):
+    """Switch that capture off for steps whose proposal cannot plan (``ClaspProposer.
+    needs_hidden_states``): most steps once plans are made or layer-skip drafting is off, and
+    every prefill chunk but a request's last. Decided after vLLM updated the batch for the step,
+    before its forward. Eager mode only: a compiled or graph-captured forward keeps the outputs
+    it was built with, so there the capture stays on."""
+
+    @classmethod
+    def target(cls):
+        from vllm.v1.worker.gpu_model_runner import GPUModelRunner
+
+        return GPUModelRunner, "_update_states"
+
+    @classmethod
+    def build(cls, original: Callable) -> Callable:
+        @functools.wraps(original)
+        def _update_states(self, scheduler_output):
+            out = original(self, scheduler_output)
+            if self.model_config.enforce_eager and _runner_is_clasp(self):
+                want = self.drafter.needs_hidden_states(self, scheduler_output)
+                if want != self.use_aux_hidden_state_outputs:
+                    self.drafter.stack.capture_all_layers(want)
+                    self.use_aux_hidden_state_outputs = want
+            return out
+
+        return _update_states
 
 
 class Gemma3AllLayerHiddenStates(VllmPatch):
@@ -556,6 +588,77 @@ class PlainSamplingWithoutDrafts(VllmPatch):
         return _prepare_inputs
 
 
+DRAFTS_ATTR = "clasp_draft_token_ids"
+
+
+class SendDraftsWithSampledTokens(VllmPatch):
+    """Worker side of one inter-process round trip less per step. With a speculative method, vLLM
+    0.32's engine core asks the workers for the step's draft tokens in a second RPC after the
+    sampled tokens arrive (``take_draft_token_ids``). On CPU the worker is its own process
+    (vLLM's multiprocessing executor) and that round trip costs a few per cent of a decode step
+    at batch 8. clasp proposes inside ``sample_tokens``: attach the drafts to its output (the
+    same value the RPC would fetch next, nothing runs in between)."""
+
+    @classmethod
+    def target(cls):
+        from vllm.v1.worker.gpu_model_runner import GPUModelRunner
+
+        return GPUModelRunner, "sample_tokens"
+
+    @classmethod
+    def build(cls, original: Callable) -> Callable:
+        from vllm.v1.outputs import ModelRunnerOutput
+
+        @functools.wraps(original)
+        def sample_tokens(self, *args: Any, **kwargs: Any):
+            out = original(self, *args, **kwargs)
+            if type(out) is ModelRunnerOutput and _runner_is_clasp(self):
+                setattr(out, DRAFTS_ATTR, (self.take_draft_token_ids(),))
+            return out
+
+        return sample_tokens
+
+
+class KeepDraftsFromSampledTokens(VllmPatch):
+    """Engine-core side: keep the drafts that came with the sampled tokens ..."""
+
+    @classmethod
+    def target(cls):
+        from vllm.v1.executor.multiproc_executor import MultiprocExecutor
+
+        return MultiprocExecutor, "sample_tokens"
+
+    @classmethod
+    def build(cls, original: Callable) -> Callable:
+        @functools.wraps(original)
+        def sample_tokens(self, *args: Any, **kwargs: Any):
+            out = original(self, *args, **kwargs)
+            self.__dict__[DRAFTS_ATTR] = getattr(out, DRAFTS_ATTR, None)
+            return out
+
+        return sample_tokens
+
+
+class TakeDraftsWithoutRpc(VllmPatch):
+    """... and hand them to the scheduler without the second RPC (which it still makes when no
+    drafts came along: other methods, or a step whose output was not a plain ModelRunnerOutput)."""
+
+    @classmethod
+    def target(cls):
+        from vllm.v1.executor.multiproc_executor import MultiprocExecutor
+
+        return MultiprocExecutor, "take_draft_token_ids"
+
+    @classmethod
+    def build(cls, original: Callable) -> Callable:
+        @functools.wraps(original)
+        def take_draft_token_ids(self):
+            kept = self.__dict__.pop(DRAFTS_ATTR, None)
+            return kept[0] if kept is not None else original(self)
+
+        return take_draft_token_ids
+
+
 WAITING_ATTR = "clasp_waiting"
 
 
@@ -587,12 +690,16 @@ ALL_PATCHES: tuple[type[VllmPatch], ...] = (
     ClaspLookaheadSlots,
     ClaspGraphHash,
     CaptureAllLayerHiddenStates,
+    CaptureHiddenStatesOnlyForPlans,
     Gemma3AllLayerHiddenStates,
     RouteClaspProposals,
     ReserveScratchKVBlocks,
     FixCpuExpandBatchToTokens,
     SkipSamplingConstraintsWithoutDrafts,
     PlainSamplingWithoutDrafts,
+    SendDraftsWithSampledTokens,
+    KeepDraftsFromSampledTokens,
+    TakeDraftsWithoutRpc,
     ReportWaitingRequests,
     AddWorkerClaspStats,
     ClaspMetricsRegistry,

@@ -135,7 +135,9 @@ class ClaspProposer:
         req_ids: list[str] = list(batch.req_ids)
         n = len(req_ids)
         drafts: list[list[int]] = [[] for _ in range(n)]
-        if aux_hidden_states is None or len(aux_hidden_states) != stack.num_layers + 1:
+        # None: this step's forward did not capture them (needs_hidden_states said no plan can
+        # follow); rows due a plan keep their old one (or the fallback) until a step that does.
+        if aux_hidden_states is not None and len(aux_hidden_states) != stack.num_layers + 1:
             raise RuntimeError("clasp: per-layer hidden states were not captured in verification")
 
         num_tokens = np.asarray(batch.num_tokens_no_spec[:n], dtype=np.int64)
@@ -245,7 +247,7 @@ class ClaspProposer:
         if self.governor.probing:
             free_rows = [i for i in skip_rows if i not in pinned]
             skip_rows = [i for i in skip_rows if i in pinned] + free_rows[:1]
-        if skip_rows and self.num_skip > 0:
+        if skip_rows and self.num_skip > 0 and aux_hidden_states is not None:
             # Plan: never-planned sequences first, then the most overdue; pinned ones always.
             due = [d for d in due if d[1] in skip_rows]
             due.sort(key=lambda t: (t[1] not in pinned, t[0], -self.seqs[req_ids[t[1]]].rounds_since_plan))
@@ -272,6 +274,28 @@ class ClaspProposer:
         arm = SKIP if rows else LOOKUP if looked_up else PLAIN
         self.governor.finish(arm, skip_s, end - now, end)
         return drafts
+
+    def needs_hidden_states(self, runner: Any, scheduler_output: Any) -> bool:
+        """Will this step's proposal plan? Only then need the verification forward return every
+        layer's hidden state (an add and a copy per layer and token, prefills included). Asked
+        after vLLM updated the batch, before the forward. Errs towards yes: a missed plan waits
+        for a later step, a needless capture costs a little time."""
+        batch = runner.input_batch
+        scheduled = scheduler_output.num_scheduled_tokens
+        skip_possible = self.governor.may_use_skip(len(scheduled)) and self.num_skip > 0
+        seeded = bool(batch.generators)
+        if not skip_possible and not seeded:
+            return False
+        limit = self.cfg.replan_interval
+        for i, rid in enumerate(batch.req_ids):
+            n = scheduled.get(rid, 0)
+            if n == 0 or batch.num_computed_tokens_cpu[i] + n < batch.num_prompt_tokens[i]:
+                continue  # not sampled this step (a prefill chunk that is not the last)
+            st = self.seqs.get(rid)
+            if st is None or st.keep is None or st.rounds_since_plan + 1 > limit:
+                if skip_possible or i in batch.generators:
+                    return True
+        return False
 
     def _remaining(self, runner: Any, req_ids: list[str], rows: list[int], num_tokens: np.ndarray) -> list[int]:
         """Tokens each sequence may still generate (max_tokens, the model's length)."""
