@@ -3,8 +3,8 @@
 Every method gets its own engine and all engines stay up for the whole run, so that the prompts
 can be interleaved: each chunk of ``batch_size`` prompts of one Spec-Bench group runs through every
 method in turn (who goes first shifts by one from chunk to chunk and from repeat to repeat), and a
-repeat does it all again. A slow moment on a shared machine then hits all methods alike, and the repeats show the spread. An
-untimed pass over every chunk comes first (``--no-warmup`` leaves it out): the first run of a
+repeat does it all again. A slow moment on a shared machine then hits all methods alike, and the
+repeats show the spread. An untimed pass over every chunk comes first (``--no-warmup`` leaves it out): the first run of a
 prompt batch pays one-off costs (new kernel shapes, KV-cache growth) that fall on whichever method
 met it first, and with it every timed repeat finds the prompts in vLLM's prefix cache alike.
 

@@ -107,38 +107,31 @@ _PREFIX_PROM_ATTRS = {
 }
 
 
-def prefix_cache_counters(llm: Any) -> dict[str, float]:
-    """Prompt tokens looked up in this engine's prefix cache, and found (0s when not kept)."""
+def _engine_counters(llm: Any, attrs: dict[str, str], holder: str | None = None) -> dict[str, float] | None:
+    """Sums of this engine's own Prometheus counters (``attrs``: our key -> the logger's counter
+    attribute, on the logger or on its ``holder`` attribute); None when no logger has them. Read
+    from the engine's logger: the global registry (``get_metrics``) holds only the most recently
+    started engine's metrics when one process runs several."""
     mgr = getattr(getattr(llm, "llm_engine", None), "logger_manager", None)
     for lg in getattr(mgr, "stat_loggers", []):
+        src = lg if holder is None else getattr(lg, holder, None)
         try:
-            return {
-                k: sum(float(c._value.get()) for c in getattr(lg, attr).values())
-                for k, attr in _PREFIX_PROM_ATTRS.items()
-            }
+            return {k: sum(float(c._value.get()) for c in getattr(src, a).values()) for k, a in attrs.items()}
         except AttributeError:
             continue
-    return {k: 0.0 for k in _PREFIX_PROM_ATTRS}
+    return None
+
+
+def prefix_cache_counters(llm: Any) -> dict[str, float]:
+    """Prompt tokens looked up in this engine's prefix cache, and found (0s when not kept)."""
+    return _engine_counters(llm, _PREFIX_PROM_ATTRS) or {k: 0.0 for k in _PREFIX_PROM_ATTRS}
 
 
 def _counters(llm: Any) -> dict[str, float]:
-    """vLLM's spec-decode counters of this engine.
-
-    Read from the engine's own Prometheus logger: the global registry (``get_metrics``) holds only
-    the most recently started engine's metrics when one process runs several.
-    """
-    mgr = getattr(getattr(llm, "llm_engine", None), "logger_manager", None)
-    for lg in getattr(mgr, "stat_loggers", []):
-        prom = getattr(lg, "spec_decoding_prom", None)
-        if prom is None:
-            continue
-        try:
-            return {
-                k: sum(float(c._value.get()) for c in getattr(prom, attr).values())
-                for k, attr in _SPEC_PROM_ATTRS.items()
-            }
-        except AttributeError:
-            break
+    """vLLM's spec-decode counters of this engine (the global registry as a last resort)."""
+    vals = _engine_counters(llm, _SPEC_PROM_ATTRS, "spec_decoding_prom")
+    if vals is not None:
+        return vals
     vals = {k: 0.0 for k in SPEC_COUNTERS}
     for m in llm.get_metrics():
         for k, name in SPEC_COUNTERS.items():

@@ -106,18 +106,19 @@ class StepCost:
         """``c``: seconds a step pays once for having any draft."""
         return self.fit()[3]
 
+    def _fitted(self) -> tuple[float, float, int, float, float, float]:
+        if self._fit is None:
+            self._fit, self._since_fit = self._solve(), 0
+        return self._fit
+
     @property
     def per_row(self) -> float:
         """``ρ``: seconds each sequence adds to a step."""
-        if self._fit is None:
-            self._fit, self._since_fit = self._solve(), 0
-        return self._fit[4]
+        return self._fitted()[4]
 
     def fit(self, rows: float | None = None) -> tuple[float, float, int, float]:
         """(a, b, knee, c), ``a`` for ``rows`` sequences."""
-        if self._fit is None:
-            self._fit, self._since_fit = self._solve(), 0
-        a, b, k, c, rho, mean_rows = self._fit
+        a, b, k, c, rho, mean_rows = self._fitted()
         return a + rho * (mean_rows if rows is None else rows), b, k, c
 
     def at(self, rows: float) -> "StepCostAt":
@@ -178,8 +179,8 @@ class StepCost:
         _, a0, b, k, c, rho = min((f for f in fits if f[0] <= 1.05 * least + 1e-15), key=lambda f: f[2])
         return a0, b, k, c, rho, mr
 
-    def __call__(self, tokens: float, drafted: bool = False) -> float:
-        a, b, k, c = self.fit()
+    def __call__(self, tokens: float, drafted: bool = False, rows: float | None = None) -> float:
+        a, b, k, c = self.fit(rows)
         return a + b * max(0.0, tokens - k) + (c if drafted else 0.0)
 
     def marginal(self, tokens: float) -> float:
@@ -202,8 +203,7 @@ class StepCostAt:
         return self.fit()[:3]
 
     def __call__(self, tokens: float, drafted: bool = False) -> float:
-        a, b, k, c = self.fit()
-        return a + b * max(0.0, tokens - k) + (c if drafted else 0.0)
+        return self.cost(tokens, drafted, self.rows)
 
     def marginal(self, tokens: float) -> float:
         return self.cost.marginal(tokens)
@@ -452,7 +452,7 @@ class Governor:
         self.probing = False
         if not self.enabled:
             return True
-        if self.skip.steps < self.min_steps and self._tries < 4 * self.min_steps:
+        if self._learning():
             # Learn first. Unmeasured tries (no row left for layer-skip, prefills) are capped.
             self._tries += 1
             self.probing = True
@@ -477,13 +477,14 @@ class Governor:
     def may_use_skip(self, rows: int) -> bool:
         """Could the next ``use_skip`` say yes? Asked before the step's forward (which then
         captures every layer's hidden states for plans only if so); changes nothing."""
-        if not self.enabled:
-            return True
-        if self.skip.steps < self.min_steps and self._tries < 4 * self.min_steps:
+        if not self.enabled or self._learning():
             return True
         if self.skip.value(self.token_price(rows), self.rate(rows)) > 0 or self._probe_left > 0:
             return True
         return self._step + 1 >= self._next_probe and self._within_budget()
+
+    def _learning(self) -> bool:
+        return self.skip.steps < self.min_steps and self._tries < 4 * self.min_steps
 
     def _within_budget(self) -> bool:
         return self._probe_s <= self.probe_budget * self._busy_s
