@@ -276,3 +276,35 @@ def test_step_cost_tells_a_sequence_from_a_verified_token():
     # near-ties between knees go to the mildest slope (few steps lie past 12): 10 or 12 here
     assert 10 <= k <= 12 and 0 < b < 0.0025 and abs(c.per_row - 0.0015) < 0.0003
     assert abs(a - (0.030 + 0.0015 * 8)) < 0.003
+
+
+def test_step_cost_moments_are_the_decayed_sums_however_often_they_are_fitted():
+    rng = np.random.default_rng(3)
+    steps = [(float(rng.integers(1, 40)), float(rng.random() < 0.5), float(rng.integers(1, 16)), float(rng.random())) for _ in range(100)]
+    knees = np.asarray([0, 2, 4, 6, 8, 10, 12, 16, 20, 24, 32, 48, 64, 96, 128, 192, 256], dtype=float)
+    want = np.zeros((len(knees), 5, 5))
+    for t, z, r, y in steps:
+        v = np.stack([np.ones_like(knees), np.maximum(t - knees, 0), np.full_like(knees, z), np.full_like(knees, r), np.full_like(knees, y)], 1)
+        want = want * 0.99 + v[:, :, None] * v[:, None, :]
+    every, once = StepCost(), StepCost()
+    for t, z, r, y in steps:
+        every.add(t, y, bool(z), r)
+        every.fit()
+        once.add(t, y, bool(z), r)
+    once.fit()
+    np.testing.assert_allclose(every.m, want, rtol=1e-9)
+    np.testing.assert_allclose(once.m, want, rtol=1e-9)
+    np.testing.assert_allclose(every._solve(), once._solve(), rtol=1e-9)  # fits may lag by refit_every steps
+
+
+def test_no_probes_where_even_perfect_drafts_could_not_pay():
+    # At 16 rows a verified token costs ~0.7 tokens and drafting time more than the rest: even
+    # drafts that were all accepted would lose, so no probe is made (21 in 2000 steps without
+    # this check). Back at batch 1 they pay again and are used at once.
+    g = Governor()
+    e = Engine()
+    assert share(e.run(g, 1, 200)[20:]) > 0.95
+    at16 = e.run(g, 16, 2000)
+    assert share(at16[10:]) == 0
+    assert g.skip.could_pay(g.token_price(1), g.rate(1)) and not g.skip.could_pay(g.token_price(16), g.rate(16))
+    assert share(e.run(g, 1, 100)[5:]) > 0.95

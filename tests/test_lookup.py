@@ -47,6 +47,22 @@ def test_matches_a_brute_force_search():
         assert got.tolist() == want.tolist() and got_n == want_n
 
 
+def test_byte_matches_inside_a_token_are_not_matches():
+    # int32 256 then 0 is 00 01 00 00 00 00 00 00: token 1's bytes (01 00 00 00) sit at offset 1.
+    assert lookup_match(t(256, 0, 5, 1), 1, 3, 2)[1] == 0
+    assert lookup_match(t(1, 7, 256, 0, 3, 1), 1, 3, 2)[0].tolist() == [7, 256]  # the aligned one
+    rng = np.random.default_rng(1)
+    values = np.array([0, 1, 256, 65536, 16777216, 257], dtype=np.int32)
+    for _ in range(2000):
+        seq = values[rng.integers(0, len(values), size=int(rng.integers(2, 25)))]
+        want_n = 0
+        for n in range(min(4, len(seq) - 1), 0, -1):
+            if any((seq[e - n + 1 : e + 1] == seq[len(seq) - n :]).all() for e in range(n - 1, len(seq) - 1)):
+                want_n = n
+                break
+        assert lookup_match(seq, 1, 4, 3)[1] == want_n
+
+
 def _keep(acc, sampled, n, length, price, seq=None):
     """Tokens kept at a linear price per token: the first whose chance is below the price is cut."""
     c = acc.chances(sampled, n, length, seq)

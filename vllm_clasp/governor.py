@@ -61,32 +61,50 @@ class StepCost:
     decay: float = 0.99
     prior_slope: float = 0.15
     """Slope relative to the intercept while the data cannot tell (all steps one size)."""
-    m: np.ndarray = field(default_factory=lambda: np.zeros((len(KNEES), 5, 5)))
-    """Per knee, decayed sums of v·vᵀ with v = (1, max(0, T − knee), [drafts], rows, seconds)."""
-    refit_every: int = 8
-    """Steps between two fits once 32 are in (a fit is ~1 ms of Python; the sums move slowly)."""
+    _m: np.ndarray = field(default_factory=lambda: np.zeros((len(KNEES), 5, 5)))
+    refit_every: int = 32
+    """Steps between two fits once 32 are in (a fit is ~0.4 ms of Python; the sums decay by 1 %
+    a step, so they move little in 32)."""
     w: float = 0.0
     st: float = 0.0
     stt: float = 0.0
     _fit: tuple[float, float, int, float, float, float] | None = None
     _since_fit: int = 0
+    _pending: list[tuple[float, float, float, float]] = field(default_factory=list)
 
     def add(self, tokens: float, seconds: float, drafted: bool | None = None, rows: float = 0.0) -> None:
         d = self.decay
         self.w = self.w * d + 1.0
         self.st = self.st * d + tokens
         self.stt = self.stt * d + tokens * tokens
-        v = np.empty((len(KNEES), 5))
-        v[:, 0] = 1.0
-        v[:, 1] = np.maximum(tokens - _KNEES, 0.0)
-        v[:, 2] = 0.0 if drafted is None else float(drafted)
-        v[:, 3] = rows
-        v[:, 4] = seconds
-        self.m *= d
-        self.m += v[:, :, None] * v[:, None, :]
+        # Folded into the moments when a fit needs them (every step costs ~2 µs, not ~60).
+        self._pending.append((tokens, 0.0 if drafted is None else float(drafted), rows, seconds))
         self._since_fit += 1
         if self.w < 32 or self._since_fit >= self.refit_every:
             self._fit = None
+
+    @property
+    def m(self) -> np.ndarray:
+        """Per knee, decayed sums of v·vᵀ with v = (1, max(0, T − knee), [drafts], rows, seconds)."""
+        self._fold()
+        return self._m
+
+    def _fold(self) -> None:
+        """Adds the pending steps to the decayed moments ``m``, oldest first."""
+        p = len(self._pending)
+        if not p:
+            return
+        x = np.asarray(self._pending, dtype=np.float64)  # [p, (T, z, rows, y)]
+        self._pending.clear()
+        v = np.empty((p, len(KNEES), 5))
+        v[:, :, 0] = 1.0
+        v[:, :, 1] = np.maximum(x[:, :1] - _KNEES, 0.0)
+        v[:, :, 2] = x[:, 1:2]
+        v[:, :, 3] = x[:, 2:3]
+        v[:, :, 4] = x[:, 3:4]
+        weight = self.decay ** np.arange(p - 1, -1, -1, dtype=np.float64)
+        self._m *= self.decay**p
+        self._m += np.einsum("p,pki,pkj->kij", weight, v, v)
 
     @property
     def known(self) -> bool:
@@ -128,18 +146,18 @@ class StepCost:
         """(a at 0 rows, b, knee, c, ρ, mean rows)."""
         if self.w <= 0:
             return 1.0, self.prior_slope, 0, 0.0, 0.0, 0.0
-        w = self.w
-        mean_all = self.m[0, 0] / w  # E[v]
+        w, m = self.w, self.m
+        mean_all = m[0, 0] / w  # E[v]
         mt, my, mr = self.st / w, mean_all[4], mean_all[3]
         if not self.varied:
             a = my / (1.0 + self.prior_slope * mt)
             return a, self.prior_slope * a, 0, 0.0, 0.0, mr
         use_z = 0.02 < mean_all[2] < 0.98  # steps with and without drafts both seen: c can be told
-        vy = max(self.m[0, 4, 4] / w - my * my, 0.0)
+        vy = max(m[0, 4, 4] / w - my * my, 0.0)
         fits: list[tuple[float, float, float, int, float, float]] = []  # (res. variance, a0, b, knee, c, ρ)
         for i, k in enumerate(KNEES):
-            E = self.m[i, 0] / w
-            cov = self.m[i, 1:, 1:] / w - np.outer(E[1:], E[1:])  # over (x, z, rows, y)
+            E = m[i, 0] / w
+            cov = m[i, 1:, 1:] / w - np.outer(E[1:], E[1:])  # over (x, z, rows, y)
             if cov[0, 0] <= 0.25:
                 continue  # (almost) every step at or below this knee: it says nothing
             active = [0] + ([1] if use_z else []) + ([2] if cov[2, 2] > 0.25 else [])
@@ -150,14 +168,16 @@ class StepCost:
                 except np.linalg.LinAlgError:
                     inv = None
                 beta = inv @ r if inv is not None else None
-                # drop what the data cannot tell apart from the sizes, or shows negative (noise)
+                # Drop what the data cannot tell apart from the sizes (e.g. every drafted step the
+                # same size: z and x collinear), or shows negative (noise).
+                told = inv is not None and inv[0, 0] > 0 and 1.0 / inv[0, 0] > 0.25
                 bad = [j for j, v in zip(active[1:], [] if beta is None else beta[1:]) if v < 0]
-                if beta is not None and inv[0, 0] > 0 and not bad:
+                if told and not bad:
                     break
                 if len(active) == 1:
                     beta = None
                     break
-                active = active[:-1] if beta is None or inv[0, 0] <= 0 else [j for j in active if j not in bad]
+                active = active[:-1] if not told else [j for j in active if j not in bad]
             if beta is None:
                 continue
             vb = 1.0 / inv[0, 0]  # x's variance the other terms do not explain
@@ -316,21 +336,24 @@ class RoundStats:
 
 @dataclass
 class SkipValue:
-    """Layer-skip drafts, per row that got them: tokens accepted, drafted, seconds spent making them."""
+    """Layer-skip drafts, per row that got them: tokens accepted, drafted, seconds spent making them
+    (plans included), and of those the draft forwards alone."""
 
     decay: float = 0.9
     rows: float = 0.0
     accepted: float = 0.0
     drafted: float = 0.0
     seconds: float = 0.0
+    draft_seconds: float = 0.0
     steps: int = 0
 
-    def add(self, rows: int, drafted: int, accepted: int, seconds: float) -> None:
+    def add(self, rows: int, drafted: int, accepted: int, seconds: float, draft_seconds: float | None = None) -> None:
         d = self.decay
         self.rows = self.rows * d + rows
         self.drafted = self.drafted * d + drafted
         self.accepted = self.accepted * d + accepted
         self.seconds = self.seconds * d + seconds
+        self.draft_seconds = self.draft_seconds * d + (seconds if draft_seconds is None else draft_seconds)
         self.steps += 1
 
     def forget(self, keep: float) -> None:
@@ -339,12 +362,19 @@ class SkipValue:
         self.drafted *= keep
         self.accepted *= keep
         self.seconds *= keep
+        self.draft_seconds *= keep
 
     def value(self, price: float, rate: float) -> float:
         """Tokens gained per drafted row, net of verifying the drafts and of the engine's time."""
         if self.rows <= 0:
             return 0.0
         return (self.accepted - price * self.drafted - self.seconds * rate) / self.rows
+
+    def could_pay(self, price: float, rate: float) -> bool:
+        """Would the drafts pay if every token were accepted and no plan were needed? If not, a
+        probe cannot find them paying (at batch 16 on this CPU a draft token costs more engine
+        time than a token is worth), so none is made. True while nothing is measured."""
+        return self.drafted <= 0 or self.drafted * (1.0 - price) > self.draft_seconds * rate
 
 
 @dataclass
@@ -370,6 +400,7 @@ class Governor:
     steps_by_arm: dict[int, int] = field(default_factory=dict)
     _last_end: float | None = None
     _last_skip_s: float = 0.0
+    _last_plan_s: float = 0.0
     _last_own_s: float = 0.0
     _step: int = 0
     _tries: int = 0
@@ -405,7 +436,7 @@ class Governor:
         """Layer-skip drafts of the last step, verified: ``rows`` rows, ``drafted`` tokens of which
         ``accepted`` were accepted."""
         if rows > 0:
-            self.skip.add(rows, drafted, accepted, self._last_skip_s)
+            self.skip.add(rows, drafted, accepted, self._last_skip_s, self._last_skip_s - self._last_plan_s)
 
     # -- pricing --------------------------------------------------------------------------
     def step_cost(self, rows: int) -> StepCostAt:
@@ -457,7 +488,8 @@ class Governor:
             self._tries += 1
             self.probing = True
             return True
-        if self.skip.value(self.token_price(rows), self.rate(rows)) > 0:
+        price, rate = self.token_price(rows), self.rate(rows)
+        if self.skip.value(price, rate) > 0:
             self._backoff = self.probe_every
             self._next_probe = self._step + self._backoff
             return True
@@ -465,7 +497,7 @@ class Governor:
         if self._probe_left > 0:
             self._probe_left -= 1
             return True
-        if self._step >= self._next_probe and self._within_budget():
+        if self._step >= self._next_probe and self._within_budget() and self.skip.could_pay(price, rate):
             self.skip.forget(self.probe_forget)
             self._probe_left = self.probe_len - 1
             self._next_probe = self._step + self._backoff
@@ -479,9 +511,10 @@ class Governor:
         captures every layer's hidden states for plans only if so); changes nothing."""
         if not self.enabled or self._learning():
             return True
-        if self.skip.value(self.token_price(rows), self.rate(rows)) > 0 or self._probe_left > 0:
+        price, rate = self.token_price(rows), self.rate(rows)
+        if self.skip.value(price, rate) > 0 or self._probe_left > 0:
             return True
-        return self._step + 1 >= self._next_probe and self._within_budget()
+        return self._step + 1 >= self._next_probe and self._within_budget() and self.skip.could_pay(price, rate)
 
     def _learning(self) -> bool:
         return self.skip.steps < self.min_steps and self._tries < 4 * self.min_steps
@@ -489,11 +522,12 @@ class Governor:
     def _within_budget(self) -> bool:
         return self._probe_s <= self.probe_budget * self._busy_s
 
-    def finish(self, arm: int, skip_s: float, own_s: float, now: float | None = None) -> None:
+    def finish(self, arm: int, skip_s: float, own_s: float, now: float | None = None, plan_s: float = 0.0) -> None:
         """The step's arm (what it drafted), seconds spent on layer-skip drafts and plans, and on
         our whole part of the step; when our part ended."""
         self._last_arm = arm
         self._last_skip_s = skip_s
+        self._last_plan_s = plan_s
         self._last_own_s = own_s
         self._last_end = time.perf_counter() if now is None else now
         self._busy_s += own_s

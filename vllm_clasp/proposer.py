@@ -143,7 +143,6 @@ class ClaspProposer:
         num_tokens = np.asarray(batch.num_tokens_no_spec[:n], dtype=np.int64)
         qsl = common_attn_metadata.query_start_loc_cpu[: n + 1].numpy().astype(np.int64)
         spec_tokens = scheduler_output.scheduled_spec_decode_tokens
-        block_table = kv.block_tables(runner, n)  # [n, KV cache groups, blocks]
 
         active: list[int] = []
         last_idx: dict[int, int] = {}
@@ -208,9 +207,9 @@ class ClaspProposer:
                     continue
                 n_i = int(num_tokens[i])
                 k = min(self.k, self.max_model_len - n_i)
-                d, n = lookup_match(batch.token_ids_cpu[i, :n_i], self.cfg.lookup_min, self.cfg.lookup_max, k)
+                d, ng = lookup_match(batch.token_ids_cpu[i, :n_i], self.cfg.lookup_min, self.cfg.lookup_max, k)
                 if d.size:
-                    found[i] = (d, n)
+                    found[i] = (d, ng)
                 elif crit is not None and crit[i] and not self.governor.free_tokens(len(active), len(active)):
                     rest_moot = True  # the batch's end cannot move this step, and nothing else is free
             free = [i for i in found if i not in pinned]
@@ -231,11 +230,11 @@ class ClaspProposer:
                         m += 1  # keeps the cut cells measured
                     found[i] = (found[i][0][:m], found[i][1])
                     self.seqs[req_ids[i]].lookup_expect = float(c[:m].sum())
-            for i, (d, n) in found.items():
+            for i, (d, ng) in found.items():
                 if d.size:
                     drafts[i] = d.tolist()
                     looked_up.add(i)
-                    self.seqs[req_ids[i]].lookup_n = n
+                    self.seqs[req_ids[i]].lookup_n = ng
             self.stats.lookup_rounds += len(looked_up)
             self.stats.lookup_tokens += sum(len(drafts[i]) for i in looked_up)
         t0 = time.perf_counter()
@@ -247,32 +246,37 @@ class ClaspProposer:
         if self.governor.probing:
             free_rows = [i for i in skip_rows if i not in pinned]
             skip_rows = [i for i in skip_rows if i in pinned] + free_rows[:1]
-        if skip_rows and self.num_skip > 0 and aux_hidden_states is not None:
-            # Plan: never-planned sequences first, then the most overdue; pinned ones always.
-            due = [d for d in due if d[1] in skip_rows]
-            due.sort(key=lambda t: (t[1] not in pinned, t[0], -self.seqs[req_ids[t[1]]].rounds_since_plan))
-            budget = max(self.cfg.max_plans_per_step, sum(1 for d in due if d[1] in pinned))
-            for _, i in due[:budget]:
-                self._plan(req_ids[i], aux_hidden_states, last_idx[i], int(num_tokens[i]) - 2, block_table[i])
-        rows, keeps = [], []
-        for i in skip_rows:
-            keep = self.seqs[req_ids[i]].keep
-            if keep is None and i not in pinned:
-                keep = self.fallback_keep
-            if keep is None and self.num_skip > 0:
-                continue
-            rows.append(i)
-            keeps.append(keep if keep is not None else torch.ones(stack.num_layers, dtype=torch.bool))
-        if rows:
-            self._draft(rows, keeps, batch, num_tokens, block_table, drafts, sampling)
-            for i in rows:
-                self.seqs[req_ids[i]].skip_drafted = True
+        skip_drafted = False
+        if skip_rows:
+            # [n, KV cache groups, blocks]: read only by layer-skip plans and drafts
+            block_table = kv.block_tables(runner, n)
+            if self.num_skip > 0 and aux_hidden_states is not None:
+                # Plan: never-planned sequences first, then the most overdue; pinned ones always.
+                due = [d for d in due if d[1] in skip_rows]
+                due.sort(key=lambda t: (t[1] not in pinned, t[0], -self.seqs[req_ids[t[1]]].rounds_since_plan))
+                budget = max(self.cfg.max_plans_per_step, sum(1 for d in due if d[1] in pinned))
+                for _, i in due[:budget]:
+                    self._plan(req_ids[i], aux_hidden_states, last_idx[i], int(num_tokens[i]) - 2, block_table[i])
+            rows, keeps = [], []
+            for i in skip_rows:
+                keep = self.seqs[req_ids[i]].keep
+                if keep is None and i not in pinned:
+                    keep = self.fallback_keep
+                if keep is None and self.num_skip > 0:
+                    continue
+                rows.append(i)
+                keeps.append(keep if keep is not None else torch.ones(stack.num_layers, dtype=torch.bool))
+            if rows:
+                self._draft(rows, keeps, batch, num_tokens, block_table, drafts, sampling)
+                for i in rows:
+                    self.seqs[req_ids[i]].skip_drafted = True
+                skip_drafted = True
         skip_s = time.perf_counter() - t0
         sampling.publish(runner, drafts)
         end = time.perf_counter()
         self.stats.draft_s += end - t_lookup - (self.stats.plan_s - plan_s_before)
-        arm = SKIP if rows else LOOKUP if looked_up else PLAIN
-        self.governor.finish(arm, skip_s, end - now, end)
+        arm = SKIP if skip_drafted else LOOKUP if looked_up else PLAIN
+        self.governor.finish(arm, skip_s, end - now, end, plan_s=self.stats.plan_s - plan_s_before)
         return drafts
 
     def needs_hidden_states(self, runner: Any, scheduler_output: Any) -> bool:
