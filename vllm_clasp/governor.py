@@ -26,6 +26,7 @@ all of them count (``wave_draft_lengths``). On a GPU the knee lies far out and d
 
 from __future__ import annotations
 
+import collections
 import time
 from dataclasses import dataclass, field
 
@@ -71,6 +72,8 @@ class StepCost:
     _fit: tuple[float, float, int, float, float, float] | None = None
     _since_fit: int = 0
     _pending: list[tuple[float, float, float, float]] = field(default_factory=list)
+    _recent: collections.deque = field(default_factory=lambda: collections.deque(maxlen=128))
+    """Verified tokens of the last steps (the sizes a flat fit has actually seen)."""
 
     def add(self, tokens: float, seconds: float, drafted: bool | None = None, rows: float = 0.0) -> None:
         d = self.decay
@@ -79,6 +82,7 @@ class StepCost:
         self.stt = self.stt * d + tokens * tokens
         # Folded into the moments when a fit needs them (every step costs ~2 µs, not ~60).
         self._pending.append((tokens, 0.0 if drafted is None else float(drafted), rows, seconds))
+        self._recent.append(tokens)
         self._since_fit += 1
         if self.w < 32 or self._since_fit >= self.refit_every:
             self._fit = None
@@ -160,40 +164,22 @@ class StepCost:
             cov = m[i, 1:, 1:] / w - np.outer(E[1:], E[1:])  # over (x, z, rows, y)
             if cov[0, 0] <= 0.25:
                 continue  # (almost) every step at or below this knee: it says nothing
-            active = [0] + ([1] if use_z else []) + ([2] if cov[2, 2] > 0.25 else [])
-            while True:
-                C, r = cov[np.ix_(active, active)], cov[active, 3]
-                try:
-                    inv = np.linalg.inv(C)
-                except np.linalg.LinAlgError:
-                    inv = None
-                beta = inv @ r if inv is not None else None
-                # Drop what the data cannot tell apart from the sizes (e.g. every drafted step the
-                # same size: z and x collinear), or shows negative (noise).
-                told = inv is not None and inv[0, 0] > 0 and 1.0 / inv[0, 0] > 0.25
-                bad = [j for j, v in zip(active[1:], [] if beta is None else beta[1:]) if v < 0]
-                if told and not bad:
+            # With the per-sequence term first; if the slope then shows nothing, without it: in a
+            # shrinking batch with few drafts, tokens and sequences rise together and a token
+            # costs what a sequence does (at batch 16 here ~1.5 ms), not nothing.
+            for with_rows in ((True, False) if cov[2, 2] > 0.25 else (False,)):
+                got = _knee_fit(cov, vy, w, [0] + ([1] if use_z else []) + ([2] if with_rows else []))
+                if got is not None:
+                    res, b, c, rho = got
+                    fits.append((res, my - b * E[1] - c * E[2] - rho * E[3], b, k, c, rho))
                     break
-                if len(active) == 1:
-                    beta = None
-                    break
-                active = active[:-1] if not told else [j for j in active if j not in bad]
-            if beta is None:
-                continue
-            vb = 1.0 / inv[0, 0]  # x's variance the other terms do not explain
-            if vb <= 0.25:
-                continue
-            res = max(vy - float(beta @ r), 0.0)
-            b = float(beta[0])
-            # t-statistic of the slope over an effective w steps
-            if b <= 0 or b * b * vb * max(w - 4.0, 1.0) <= 4.0 * res:
-                continue
-            coef = dict(zip(active, beta))
-            c, rho = float(coef.get(1, 0.0)), float(coef.get(2, 0.0))
-            a0 = my - b * E[1] - c * E[2] - rho * E[3]
-            fits.append((res, a0, b, k, c, rho))
         if not fits:
-            return my, 0.0, 0, 0.0, 0.0, mr  # steps of every size seen took as long
+            # Steps of every size seen took as long: free up to a quarter past the largest size
+            # seen lately, then the prior slope, so drafts grow step by step until sizes that
+            # cost more are measured. (Free without limit, one batch-16 step seen only 15–17
+            # tokens and then verified 120, at 4x a step's time.)
+            knee = int(np.ceil(1.25 * max(self._recent, default=mt)))
+            return my, self.prior_slope * my, knee, 0.0, 0.0, mr
         # Knees the data cannot tell apart (few sizes seen) fit about as well: take the mildest.
         least = min(f[0] for f in fits)
         _, a0, b, k, c, rho = min((f for f in fits if f[0] <= 1.05 * least + 1e-15), key=lambda f: f[2])
@@ -207,6 +193,36 @@ class StepCost:
         """Seconds one more verified token adds to a step of ``tokens`` tokens."""
         a, b, k, c = self.fit()
         return b if tokens + 1 > k else 0.0
+
+
+
+def _knee_fit(cov: np.ndarray, vy: float, w: float, active: list[int]) -> tuple[float, float, float, float] | None:
+    """Least squares of seconds on the ``active`` terms of (x, z, rows) given their covariance
+    (over x, z, rows, y): (residual variance, b, c, ρ), or None where the slope b does not show
+    (t-statistic ≤ 2 over an effective ``w`` steps). Terms the data cannot tell apart from x
+    (e.g. every drafted step the same size: z and x collinear), or that come out negative
+    (noise), are dropped."""
+    while True:
+        C, r = cov[np.ix_(active, active)], cov[active, 3]
+        try:
+            inv = np.linalg.inv(C)
+        except np.linalg.LinAlgError:
+            inv = None
+        told = inv is not None and inv[0, 0] > 0 and 1.0 / inv[0, 0] > 0.25
+        beta = inv @ r if told else None
+        bad = [] if beta is None else [j for j, v in zip(active[1:], beta[1:]) if v < 0]
+        if beta is not None and not bad:
+            break
+        if len(active) == 1:
+            return None
+        active = active[:-1] if beta is None else [j for j in active if j not in bad]
+    vb = 1.0 / inv[0, 0]  # x's variance the other terms do not explain
+    res = max(vy - float(beta @ r), 0.0)
+    b = float(beta[0])
+    if b <= 0 or b * b * vb * max(w - 4.0, 1.0) <= 4.0 * res:
+        return None
+    coef = dict(zip(active, beta))
+    return res, b, float(coef.get(1, 0.0)), float(coef.get(2, 0.0))
 
 
 @dataclass
