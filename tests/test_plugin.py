@@ -169,3 +169,19 @@ def test_drafts_travel_with_the_sampled_tokens_and_save_the_second_rpc():
     plain_out = worker_sample(runner, None)
     KeepDraftsFromSampledTokens.build(lambda self, g: plain_out)(executor, None)
     assert take(executor) == "fetched" and rpcs == [1, 1]
+
+
+def test_rows_to_plan_skips_sequences_about_to_end_and_keeps_seeded_ones():
+    from vllm_clasp.proposer import PLAN_HORIZON, rows_to_plan
+
+    due = [(0, 0), (1, 1), (0, 2), (1, 3), (0, 4)]
+    since = {0: 1, 1: 40, 2: 1, 3: 90, 4: 1}
+    left = {0: 100, 1: 100, 2: PLAN_HORIZON - 1, 3: 5, 4: 3}
+    skip = {0, 1, 2, 3, 4}
+    # never planned first, then the most overdue; rows about to end drop out once a plan exists
+    assert rows_to_plan(due, skip, set(), left, since, True, 8) == [0, 1]
+    # ... but not before any plan was made (nothing to draft with otherwise)
+    assert rows_to_plan(due, skip, set(), left, since, False, 8) == [0, 2, 4, 3, 1]
+    # seeded rows are planned when due whatever is left, and beyond the per-step cap
+    assert rows_to_plan(due, skip, {3, 4}, left, since, True, 1) == [4, 3]
+    assert rows_to_plan(due, {1, 3}, set(), {}, since, True, 1) == [3]  # only layer-skip rows; no known end

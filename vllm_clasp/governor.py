@@ -12,7 +12,8 @@ Every draft token is priced in the same unit, tokens of output:
   paying context draft while, measured on exactly those rows,
   ``accepted tokens > price · drafted tokens + drafting seconds · rate`` (``use_skip``). While they
   do not pay, a couple of steps re-measure them on one sequence now and then, less often each time
-  they still do not (the workload may change), and never more than 1 % of the time.
+  they still do not (the workload may change), never more than 0.5 % of the time, and not at all
+  where even drafts that were all accepted could not pay (``SkipValue.could_pay``).
 
 Step cost: ``t(T) = a + ρ·rows + c·[drafts] + b·max(0, T − knee)`` for a step that verified
 ``T`` tokens (``StepCost``), fitted per batch-size bucket over measured steps (those without a
@@ -54,7 +55,8 @@ class StepCost:
     squares for every candidate knee; the knee kept is the one that fits best among those whose
     slope the data shows (t-statistic > 2), the mildest slope among knees that fit about as well
     (two sizes seen cannot place a knee). With no slope shown within the sizes seen, verified
-    tokens are free (``b = 0``): drafts grow until steps of a size that costs more are measured.
+    tokens are free up to a quarter past the largest size seen lately and cost the prior slope
+    beyond: drafts grow step by step until steps of a size that costs more are measured.
     One size seen so far: the prior shape (``prior_slope`` × a per token from the first).
     ``fit(rows)`` gives ``a`` for that many sequences (the mean seen when not given).
     """
@@ -403,7 +405,7 @@ class Governor:
     probe_len: int = 3
     probe_forget: float = 0.2
     """A probe weighs the layer-skip figures measured before it by this much."""
-    probe_budget: float = 0.01
+    probe_budget: float = 0.005
     """Most of the time since start that probes (plans and draft forwards that did not pay)
     may take: a probe on a large batch costs several full steps."""
     verify: StepCost = field(default_factory=StepCost)

@@ -36,6 +36,26 @@ from vllm_clasp.planner import plan_skip_layers, skip_mask
 logger = init_logger(f"vllm.{__name__}")
 
 
+PLAN_HORIZON = 16
+"""Tokens a sequence must have left (max_tokens, model length) for a new plan (governor on)."""
+
+
+def rows_to_plan(due: list[tuple[int, int]], skip_rows: set[int], pinned: set[int], left: dict[int, int],
+                 since: dict[int, int], have_fallback: bool, max_plans: int) -> list[int]:
+    """Rows to plan this step, from ``due`` ((0 never planned | 1 overdue, row)): only rows
+    drafting from the layer-skip model; never-planned first, then the most overdue; at most
+    ``max_plans``, and every pinned (seeded) row. A plan costs one to two full forwards, so a row
+    with fewer than ``PLAN_HORIZON`` tokens left (``left``; rows not in it have no known end)
+    cannot earn it back: it drafts with its last plan, or the latest one made, if there is one."""
+    rows = [
+        d for d in due
+        if d[1] in skip_rows and (d[1] in pinned or left.get(d[1], PLAN_HORIZON) >= PLAN_HORIZON or not have_fallback)
+    ]
+    rows.sort(key=lambda t: (t[1] not in pinned, t[0], -since[t[1]]))
+    budget = max(max_plans, sum(1 for d in rows if d[1] in pinned))
+    return [i for _, i in rows[:budget]]
+
+
 @dataclass
 class _SeqState:
     keep: torch.Tensor | None = None  # [L] bool, layers the draft runs
@@ -191,8 +211,10 @@ class ClaspProposer:
         # No request waiting for a slot: the batch ends with its slowest sequences, and only
         # drafts that move them count (governor.critical_rows).
         crit = None
+        left: dict[int, int] = {}
         if self.governor.enabled:
-            c = critical_rows(self._remaining(runner, req_ids, active, num_tokens), getattr(scheduler_output, WAITING_ATTR, None))
+            left = dict(zip(active, self._remaining(runner, req_ids, active, num_tokens)))
+            c = critical_rows([left[i] for i in active], getattr(scheduler_output, WAITING_ATTR, None))
             crit = dict(zip(active, c)) if c is not None else None
         # Zero-cost context drafts first; those sequences need no layer-skip draft this round.
         # Each is cut where its measured acceptance no longer pays for verifying it.
@@ -251,11 +273,9 @@ class ClaspProposer:
             # [n, KV cache groups, blocks]: read only by layer-skip plans and drafts
             block_table = kv.block_tables(runner, n)
             if self.num_skip > 0 and aux_hidden_states is not None:
-                # Plan: never-planned sequences first, then the most overdue; pinned ones always.
-                due = [d for d in due if d[1] in skip_rows]
-                due.sort(key=lambda t: (t[1] not in pinned, t[0], -self.seqs[req_ids[t[1]]].rounds_since_plan))
-                budget = max(self.cfg.max_plans_per_step, sum(1 for d in due if d[1] in pinned))
-                for _, i in due[:budget]:
+                since = {i: self.seqs[req_ids[i]].rounds_since_plan for _, i in due}
+                chosen = rows_to_plan(due, set(skip_rows), pinned, left, since, self.fallback_keep is not None, self.cfg.max_plans_per_step)
+                for i in chosen:
                     self._plan(req_ids[i], aux_hidden_states, last_idx[i], int(num_tokens[i]) - 2, block_table[i])
             rows, keeps = [], []
             for i in skip_rows:
