@@ -6,7 +6,9 @@ import sys
 
 import pytest
 
-from vllm_clasp.bench import Chunk, GROUPS, Method, markdown, parse_methods, questions_by_group, summarize
+from vllm_clasp.bench import (
+    Chunk, GROUPS, Method, add_arguments, chunk_plan, main, markdown, parse_methods, questions_by_group, summarize,
+)
 
 
 def test_questions_by_group_takes_mt_bench_categories_in_turn():
@@ -26,6 +28,20 @@ def test_parse_methods_adds_plain_and_refuses_bad_input():
             parse_methods(*bad, {})
     with pytest.raises(ValueError, match="skip_layerz"):
         parse_methods("clasp", [], {"skip_layerz": 2})
+
+
+def test_queue_mode_puts_more_prompts_than_slots_in_one_call():
+    qs = questions_by_group(5, ["QA", "Math"])
+    assert [(g, len(i)) for g, i in chunk_plan(qs, 2)] == [("QA", 2), ("QA", 2), ("QA", 1), ("Math", 2),
+                                                          ("Math", 2), ("Math", 1)]
+    plan = chunk_plan(qs, 8)  # a queue never mixes groups: a group's ratio stays its own
+    assert [(g, i) for g, i in plan] == [("QA", [0, 1, 2, 3, 4]), ("Math", [5, 6, 7, 8, 9])]
+    import argparse
+
+    p = argparse.ArgumentParser()
+    add_arguments(p)
+    with pytest.raises(SystemExit, match="--queue must be >= --batch-size"):
+        main(p.parse_args(["--batch-size", "8", "--queue", "4"]))
 
 
 def _chunk(method, rep, group, seconds, tokens, accepted=0.0, outputs=None):
@@ -55,7 +71,8 @@ def test_summarize_speedup_tau_spread_and_identical_share():
 def test_bench_command_end_to_end_on_the_tiny_model(tiny_model, tmp_path):
     out = tmp_path / "b"
     cmd = [sys.executable, "-m", "vllm_clasp.cli", "bench", "--model", tiny_model, "--groups", "QA,Math",
-           "--per-group", "2", "--max-tokens", "12", "--repeats", "2", "--batch-size", "2", "--out", str(out),
+           "--per-group", "3", "--max-tokens", "12", "--repeats", "2", "--batch-size", "2", "--queue", "3",
+           "--out", str(out),
            "--no-progress", "--clasp-config", '{"adaptive": false, "skip_layers": 2}']
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=1200)
     assert r.returncode == 0, r.stderr[-3000:]
@@ -64,7 +81,7 @@ def test_bench_command_end_to_end_on_the_tiny_model(tiny_model, tmp_path):
     overall = res["table"]["clasp"]["Overall"]
     assert overall["identical"] == 1.0 and overall["vllm_draft_tokens"] > 0
     assert overall["clasp"]["layers_skipped"] == pytest.approx(2.0)
-    assert len(overall["tokens_per_s_by_repeat"]) == 2
+    assert len(overall["tokens_per_s_by_repeat"]) == 2 and "3 prompts per call" in res["setting"]
     assert (out / "speedup.png").stat().st_size > 1000 and "Overall" in (out / "results.md").read_text()
     sweep = tmp_path / "s"
     cmd = cmd[: cmd.index("--out")] + ["--out", str(sweep), "--sweep-skip", "1,2", "--sweep-k", "2,3", "--repeats", "1"]

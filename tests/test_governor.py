@@ -83,6 +83,24 @@ def test_unmeasurable_and_idle_steps_are_ignored():
     assert not g.verify.known and g.recent.w == 0
 
 
+def test_a_pause_under_five_seconds_is_not_a_step():
+    """Recorded in a bench at batch 8: the engine idled 4.7 s between two batches and the next
+    step had one sampled row; that gap, taken for a one-row step, made a token at one row worth
+    nothing, and layer-skip drafts 'paid' there."""
+    g, t = Governor(), 0.0
+    for _ in range(64):
+        g.finish(0, 0.0, 0.0, now=t)
+        t += 0.05
+        g.observe(8, True, now=t, scheduled=8, rows=8)
+    busy, rate1 = g._busy_s, g.rate(1)
+    g.finish(0, 0.0, 0.0, now=t)
+    g.observe(1, True, now=t + 4.7, scheduled=1, rows=1)
+    assert g._busy_s == busy and 1 not in g.by_rows and g.rate(1) == rate1
+    g.finish(0, 0.0, 0.0, now=t + 4.7)
+    g.observe(1, True, now=t + 4.75, scheduled=1, rows=1)  # decoding again: measured
+    assert g._busy_s > busy and 1 in g.by_rows
+
+
 def test_token_price_follows_the_marginal_step_cost():
     flat, steep = Governor(), Governor()
     for i in range(200):

@@ -142,6 +142,15 @@ class Engines:
         self.llms.clear()
 
 
+def chunk_plan(questions: Sequence[Question], chunk_size: int) -> list[tuple[str, list[int]]]:
+    """Question indices per ``generate`` call: each group in turn, ``chunk_size`` at a time."""
+    plan = []
+    for g in dict.fromkeys(q.group for q in questions):
+        idx = [i for i, q in enumerate(questions) if q.group == g]
+        plan += [(g, idx[s : s + chunk_size]) for s in range(0, len(idx), chunk_size)]
+    return plan
+
+
 def run_chunk(engines: Engines, m: Method, prompts: list[list[int]], sampling: Any) -> tuple[float, list[list[int]], dict, dict]:
     from vllm.inputs import TokensPrompt
 
@@ -167,7 +176,10 @@ def run_bench(
     max_model_len: int = 2048,
     progress: bool = True,
     warmup: bool = True,
+    chunk_size: int | None = None,
 ) -> list[Chunk]:
+    """``chunk_size`` prompts go to one ``generate`` call (default: ``batch_size``); with more than
+    ``batch_size`` of them the rest wait for a slot, as on a busy server."""
     from vllm import SamplingParams
 
     prompts = chat_token_ids(model, [q.text for q in questions])
@@ -177,10 +189,7 @@ def run_bench(
     try:
         for m in methods:  # warm-up outside the timing
             run_chunk(engines, m, prompts[:1], SamplingParams(max_tokens=8))
-        plan = []
-        for g in dict.fromkeys(q.group for q in questions):
-            idx = [i for i, q in enumerate(questions) if q.group == g]
-            plan += [(g, idx[s : s + batch_size]) for s in range(0, len(idx), batch_size)]
+        plan = chunk_plan(questions, chunk_size or batch_size)
         bar = None
         if progress:
             from tqdm import tqdm
@@ -383,6 +392,7 @@ def run_sweep(
     temperature: float,
     dtype: str = "float32",
     progress: bool = True,
+    chunk_size: int | None = None,
 ) -> list[dict[str, Any]]:
     """Each (skip_layers, K) cell: a clasp engine beside a plain one, the prompts interleaved."""
     cells = []
@@ -393,7 +403,8 @@ def run_sweep(
         if progress:
             print(f"sweep cell {n + 1}/{total}: skip_layers={s}, K={k}", flush=True)
         chunks = run_bench(model, methods, questions, max_tokens=max_tokens, batch_size=batch_size,
-                           temperature=temperature, repeats=1, dtype=dtype, progress=progress)
+                           temperature=temperature, repeats=1, dtype=dtype, progress=progress,
+                           chunk_size=chunk_size)
         row = summarize(chunks, methods, greedy=temperature == 0)["table"]["clasp"]["Overall"]
         cells.append({"skip_layers": s, "k": k, "speedup": row["speedup"], "tau": row["tau"],
                       "acceptance": row["acceptance"], "identical": row.get("identical")})
@@ -474,7 +485,10 @@ def add_arguments(p: Any) -> None:
     p.add_argument("--per-group", type=int, default=4, help="questions per group (MT-bench: its 8 categories in turn)")
     p.add_argument("--offset", type=int, default=0, help="skip this many questions per category first")
     p.add_argument("--max-tokens", type=int, default=96)
-    p.add_argument("--batch-size", type=int, default=1)
+    p.add_argument("--batch-size", type=int, default=1, help="the engine's max_num_seqs")
+    p.add_argument("--queue", type=int, default=None, metavar="N",
+                   help="prompts per generate call (default: the batch size); more than the batch "
+                        "size and the rest wait for a slot, as on a busy server")
     p.add_argument("--temperature", type=float, default=0.0)
     p.add_argument("--dtype", default="float32")
     p.add_argument("--repeats", type=int, default=2, help="interleaved repeats (the spread in the tables)")
@@ -491,6 +505,8 @@ def main(args: Any) -> int:
     for name in ("per_group", "max_tokens", "batch_size", "repeats"):
         if getattr(args, name) < 1:
             raise SystemExit(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if args.queue is not None and args.queue < args.batch_size:
+        raise SystemExit(f"--queue must be >= --batch-size ({args.batch_size}), got {args.queue}")
     if args.temperature < 0:
         raise SystemExit(f"--temperature must be >= 0, got {args.temperature}")
     try:
@@ -509,7 +525,8 @@ def main(args: Any) -> int:
 
     setting = (f"{Path(model).name}, {args.dtype}, {len(questions)} Spec-Bench questions "
                f"({args.per_group} per group), {args.max_tokens} new tokens, batch size {args.batch_size}, "
-               f"temperature {args.temperature}, {platform.machine()} CPU x{os.cpu_count()}")
+               + (f"{args.queue} prompts per call (the rest queue), " if args.queue else "")
+               + f"temperature {args.temperature}, {platform.machine()} CPU x{os.cpu_count()}")
     if args.sweep_skip:
         try:  # skip_layers: a count ("12") or a fraction ("0.4")
             skips = [int(x) if x.strip().isdigit() else float(x) for x in args.sweep_skip.split(",")]
@@ -520,7 +537,7 @@ def main(args: Any) -> int:
             raise SystemExit(f"vllm-clasp bench: --sweep-skip/--sweep-k: {e}") from None
         cells = run_sweep(model, clasp_config, skips, ks, questions, max_tokens=args.max_tokens,
                           batch_size=args.batch_size, temperature=args.temperature, dtype=args.dtype,
-                          progress=not args.no_progress)
+                          progress=not args.no_progress, chunk_size=args.queue)
         (out / "sweep.json").write_text(json.dumps({"setting": setting, "cells": cells}, indent=1))
         plot_sweep(cells, out / "sweep.png", f"clasp sweep — {setting}")
         print(f"\n| skip_layers | K | speedup | τ | acceptance |\n|---|---|---|---|---|")
@@ -530,7 +547,7 @@ def main(args: Any) -> int:
         return 0
     chunks = run_bench(model, methods, questions, max_tokens=args.max_tokens, batch_size=args.batch_size,
                        temperature=args.temperature, repeats=args.repeats, dtype=args.dtype,
-                       progress=not args.no_progress, warmup=not args.no_warmup)
+                       progress=not args.no_progress, warmup=not args.no_warmup, chunk_size=args.queue)
     summary = summarize(chunks, methods, greedy=args.temperature == 0)
     summary.update(setting=setting, methods={m.name: m.spec for m in methods})
     (out / "results.json").write_text(json.dumps(summary, indent=1))

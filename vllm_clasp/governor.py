@@ -430,6 +430,11 @@ class Governor:
     _backoff: int = 40
     _next_probe: int = 0
     _last_arm: int | None = None
+    stall_factor: float = 10.0
+    """A step that took this many times the typical step (and over a quarter second) was not
+    decoding all that time: the engine waited for requests, or the machine stalled."""
+    _typical_s: float = 0.0
+    """Running mean of the measured steps' seconds."""
 
     # -- measuring ------------------------------------------------------------------------
     def observe(self, committed: int, measurable: bool, now: float | None = None,
@@ -439,16 +444,24 @@ class Governor:
         if self._last_end is None:
             return
         seconds = now - self._last_end
-        if seconds + self._last_own_s > 5.0:  # the engine was idle or stalled: not decoding
+        if seconds + self._last_own_s > 5.0 or self._stalled(seconds):
+            # The engine was idle or stalled, not decoding. Under 5 s such a gap once passed for
+            # a one-sequence step (an idle engine between two batches, and the first step of the
+            # next had one sampled row): one-row steps then cost ~4 s, a token was worth nothing,
+            # and layer-skip "paid" at one row: a plan and a draft in every batch of 8.
             return
         self._busy_s += seconds
         if not measurable or committed <= 0 or not rows:
             return
+        self._typical_s = seconds if self._typical_s <= 0 else 0.9 * self._typical_s + 0.1 * seconds
         scheduled = rows if scheduled is None else scheduled
         drafted = scheduled > rows
         self.verify.add(scheduled, seconds, drafted, rows)
         self.by_rows.setdefault(rows_bucket(rows), StepCost()).add(scheduled, seconds, drafted, rows)
         self.recent.add(rows, committed, max(scheduled - rows, 0))
+
+    def _stalled(self, seconds: float) -> bool:
+        return self._typical_s > 0 and seconds > max(0.25, self.stall_factor * self._typical_s)
 
     def observe_skip(self, rows: int, drafted: int, accepted: int) -> None:
         """Layer-skip drafts of the last step, verified: ``rows`` rows, ``drafted`` tokens of which
