@@ -225,7 +225,7 @@ class ClaspProposer:
             order = active if crit is None else sorted(active, key=lambda i: not crit[i])  # critical first
             rest_moot = False
             for i in order:
-                if rest_moot and not crit[i] and i not in pinned:
+                if rest_moot and i not in pinned:
                     continue
                 n_i = int(num_tokens[i])
                 k = min(self.k, self.max_model_len - n_i)
@@ -233,7 +233,11 @@ class ClaspProposer:
                 if d.size:
                     found[i] = (d, ng)
                 elif crit is not None and crit[i] and not self.governor.free_tokens(len(active), len(active)):
-                    rest_moot = True  # the batch's end cannot move this step, and nothing else is free
+                    # The batch's end cannot move this step and no token is free: every other
+                    # draft would be cut to nothing (wave_draft_lengths), so none is looked up.
+                    rest_moot = True
+            if rest_moot:
+                found = {i: f for i, f in found.items() if i in pinned}
             free = [i for i in found if i not in pinned]
             if free:
                 acc = self.lookup_acceptance
