@@ -16,7 +16,8 @@ class Engine:
         self.a, self.b, self.d, self.acc, self.kappa = a, b, d, acc, kappa
         self.t = 0.0
 
-    def run(self, gov, rows, steps):
+    def run(self, gov, rows, steps, until=None):
+        """``until(gov)`` true after a step ends the run there."""
         chosen, last = [], None
         for _ in range(steps):
             if last is not None:
@@ -31,6 +32,8 @@ class Engine:
             skip_s = self.kappa * (self.a + self.b * rows) if last else 0.0
             self.t += skip_s
             gov.finish(2 if last else 0, skip_s, skip_s, now=self.t)
+            if until is not None and until(gov):
+                break
         return chosen
 
 
@@ -344,3 +347,41 @@ def test_tokens_beyond_the_sizes_seen_are_not_free():
         c.add(t, 0.048 * (1 + 0.03 * rng.standard_normal()), t > 16, min(t, 16))
     assert c.marginal(17) == 0.0  # a little past what was seen: free, so the sizes grow
     assert c(40, rows=16) > 1.5 * c(16, rows=16) and c.marginal(40) > 0.001
+
+
+def _probe_begun(g):
+    return g.probing and g._probe_left > 0
+
+
+def test_a_probe_does_not_run_on_into_another_batch():
+    """Measured in the bs-8 bench: a probe began on a batch's one-row tail and its last step fell
+    on the next batch's first step at 8 rows: a plan and a one-row draft there (~90 ms, 2-3 % of
+    that chunk). A probe's steps stay at the batch size it began at and end at a pause."""
+    g = Governor()
+    e = Engine(acc=0.1, kappa=1.0)  # layer-skip loses at one row: only probes draft
+    e.run(g, 1, 100)
+    assert _probe_begun(g) or e.run(g, 1, 3000, until=_probe_begun)[-1]
+    assert _probe_begun(g)
+    assert not any(e.run(g, 8, 30))  # the next batch: no probe step at 8 rows
+
+    e.run(g, 1, 5000, until=_probe_begun)
+    assert _probe_begun(g)
+    g.observe(1, True, now=e.t + 2.0, scheduled=1, rows=1)  # ~30 typical steps idle: a pause
+    assert not g.use_skip(1)
+
+
+def test_probes_spend_in_proportion_to_the_time_where_layer_skip_could_pay():
+    """A bs-8 workload whose batches end in a few one-row steps: drafts could pay only there, so
+    probes get the budget's share of that time, not of all of it (the old budget made 11 probes
+    here, ~0.3 % of the time and 2-3 % of each batch it fell on). Back at batch 1 with drafts that
+    pay, they are on within a few dozen steps."""
+    g = Governor()
+    e = Engine(acc=0.1, kappa=1.0)
+    e.run(g, 1, 50)
+    t0, p0 = e.t, g._probe_s
+    for _ in range(100):
+        e.run(g, 8, 60)
+        e.run(g, 1, 3)
+    assert g._probe_s - p0 < 0.2 * g.probe_budget * (e.t - t0)
+    back = Engine(acc=2.5).run(g, 1, 300)
+    assert True in back[:40] and share(back[-100:]) > 0.95

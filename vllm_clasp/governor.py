@@ -423,6 +423,8 @@ class Governor:
     _step: int = 0
     _tries: int = 0
     _probe_left: int = 0
+    _probe_rows: int = 0
+    """The rows bucket the running probe measures."""
     probing: bool = False
     """This step's layer-skip drafts are a probe (one row)."""
     _probe_s: float = 0.0
@@ -435,6 +437,12 @@ class Governor:
     decoding all that time: the engine waited for requests, or the machine stalled."""
     _typical_s: float = 0.0
     """Running mean of the measured steps' seconds."""
+    share_decay: float = 0.99
+    """Per step, for the recent time shares by batch size (the last few hundred steps)."""
+    _recent_s: dict[int, float] = field(default_factory=dict)
+    """Decayed seconds of recent steps by rows bucket."""
+    _payable: float = 1.0
+    _payable_at: int = 0
 
     # -- measuring ------------------------------------------------------------------------
     def observe(self, committed: int, measurable: bool, now: float | None = None,
@@ -449,8 +457,14 @@ class Governor:
             # a one-sequence step (an idle engine between two batches, and the first step of the
             # next had one sampled row): one-row steps then cost ~4 s, a token was worth nothing,
             # and layer-skip "paid" at one row: a plan and a draft in every batch of 8.
+            self._probe_left = 0  # nor does a probe go on across it, into other requests
             return
         self._busy_s += seconds
+        if rows:
+            for b in self._recent_s:
+                self._recent_s[b] *= self.share_decay
+            b = rows_bucket(rows)
+            self._recent_s[b] = self._recent_s.get(b, 0.0) + seconds
         if not measurable or committed <= 0 or not rows:
             return
         self._typical_s = seconds if self._typical_s <= 0 else 0.9 * self._typical_s + 0.1 * seconds
@@ -526,11 +540,16 @@ class Governor:
             return True
         self.probing = True
         if self._probe_left > 0:
-            self._probe_left -= 1
-            return True
-        if self._step >= self._next_probe and self._within_budget() and self.skip.could_pay(price, rate):
+            if rows_bucket(rows) == self._probe_rows:
+                self._probe_left -= 1
+                return True
+            # The batch changed under the probe (a bs-8 batch began after the one-row tail of the
+            # last): its rest would plan and draft where it was not meant to measure.
+            self._probe_left = 0
+        if self._step >= self._next_probe and self.skip.could_pay(price, rate) and self._within_budget():
             self.skip.forget(self.probe_forget)
             self._probe_left = self.probe_len - 1
+            self._probe_rows = rows_bucket(rows)
             self._next_probe = self._step + self._backoff
             self._backoff = min(2 * self._backoff, self.max_probe_every)
             return True
@@ -543,15 +562,26 @@ class Governor:
         if not self.enabled or self._learning():
             return True
         price, rate = self.token_price(rows), self.rate(rows)
-        if self.skip.value(price, rate) > 0 or self._probe_left > 0:
+        if self.skip.value(price, rate) > 0 or (self._probe_left > 0 and rows_bucket(rows) == self._probe_rows):
             return True
-        return self._step + 1 >= self._next_probe and self._within_budget() and self.skip.could_pay(price, rate)
+        return self._step + 1 >= self._next_probe and self.skip.could_pay(price, rate) and self._within_budget()
 
     def _learning(self) -> bool:
         return self.skip.steps < self.min_steps and self._tries < 4 * self.min_steps
 
     def _within_budget(self) -> bool:
-        return self._probe_s <= self.probe_budget * self._busy_s
+        """Probes may take ``probe_budget`` of the time since start, times the share of recent
+        time spent at batch sizes where layer-skip drafts could pay at all: in a bs-8 workload
+        whose batches end in a few one-row steps, a probe (a plan and a few draft steps, 2-3 %
+        of a 4 s batch) is worth making only as often as those steps take time."""
+        if self._step >= self._payable_at:
+            self._payable_at = self._step + 16  # prices and rates move slowly; 6 buckets cost ~0.15 ms
+            total = sum(self._recent_s.values())
+            payable = sum(
+                s for b, s in self._recent_s.items() if self.skip.could_pay(self.token_price(b), self.rate(b))
+            )
+            self._payable = payable / total if total > 0 else 1.0
+        return self._probe_s <= self.probe_budget * self._busy_s * self._payable
 
     def finish(self, arm: int, skip_s: float, own_s: float, now: float | None = None, plan_s: float = 0.0) -> None:
         """The step's arm (what it drafted), seconds spent on layer-skip drafts and plans, and on
