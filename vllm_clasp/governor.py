@@ -539,13 +539,12 @@ class Governor:
             self._next_probe = self._step + self._backoff
             return True
         self.probing = True
-        if self._probe_left > 0:
-            if rows_bucket(rows) == self._probe_rows:
-                self._probe_left -= 1
-                return True
-            # The batch changed under the probe (a bs-8 batch began after the one-row tail of the
-            # last): its rest would plan and draft where it was not meant to measure.
-            self._probe_left = 0
+        if self._probe_goes_on(rows):
+            self._probe_left -= 1
+            return True
+        # Nothing left of a probe, or the batch changed under it (a bs-8 batch began after the
+        # one-row tail of the last): its rest would plan and draft where it was not meant to measure.
+        self._probe_left = 0
         if self._step >= self._next_probe and self.skip.could_pay(price, rate) and self._within_budget():
             self.skip.forget(self.probe_forget)
             self._probe_left = self.probe_len - 1
@@ -562,9 +561,12 @@ class Governor:
         if not self.enabled or self._learning():
             return True
         price, rate = self.token_price(rows), self.rate(rows)
-        if self.skip.value(price, rate) > 0 or (self._probe_left > 0 and rows_bucket(rows) == self._probe_rows):
+        if self.skip.value(price, rate) > 0 or self._probe_goes_on(rows):
             return True
         return self._step + 1 >= self._next_probe and self.skip.could_pay(price, rate) and self._within_budget()
+
+    def _probe_goes_on(self, rows: int) -> bool:
+        return self._probe_left > 0 and rows_bucket(rows) == self._probe_rows
 
     def _learning(self) -> bool:
         return self.skip.steps < self.min_steps and self._tries < 4 * self.min_steps
