@@ -72,12 +72,14 @@ def test_bench_command_end_to_end_on_the_tiny_model(tiny_model, tmp_path):
     out = tmp_path / "b"
     cmd = [sys.executable, "-m", "vllm_clasp.cli", "bench", "--model", tiny_model, "--groups", "QA,Math",
            "--per-group", "3", "--max-tokens", "12", "--repeats", "2", "--batch-size", "2", "--queue", "3",
-           "--out", str(out),
+           "--out", str(out), "--control",
            "--no-progress", "--clasp-config", '{"adaptive": false, "skip_layers": 2}']
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=1200)
     assert r.returncode == 0, r.stderr[-3000:]
     res = json.loads((out / "results.json").read_text())
-    assert set(res["table"]) == {"plain", "ngram", "clasp"} and res["repeats"] == 2
+    assert set(res["table"]) == {"plain", "plain-2", "ngram", "clasp"} and res["repeats"] == 2
+    assert res["table"]["plain-2"]["Overall"]["identical"] == 1.0  # the control: a second plain engine
+    assert "noise floor" in (out / "results.md").read_text()
     overall = res["table"]["clasp"]["Overall"]
     assert overall["identical"] == 1.0 and overall["vllm_draft_tokens"] > 0
     assert overall["clasp"]["layers_skipped"] == pytest.approx(2.0)

@@ -41,6 +41,9 @@ from vllm_clasp.compare import (
 GROUPS = ("MT-bench", "Translation", "Summarization", "QA", "Math", "RAG")
 NGRAM = {"method": "ngram", "num_speculative_tokens": 5, "prompt_lookup_max": 4}
 """vLLM's ngram method as its documentation shows it."""
+CONTROL = "plain-2"
+"""A second plain engine (``--control``): what its ratios to ``plain`` show is the run's own noise,
+engine to engine and moment to moment, for a method that changes nothing."""
 
 
 @dataclass
@@ -330,6 +333,9 @@ def markdown(summary: dict[str, Any], header: str) -> str:
         "Tokens/s, τ (tokens per step) and draft acceptance:",
         lambda r: f"{r['tokens_per_s']:.1f} tok/s, τ {r['tau']:.2f}, acc {_fmt(r['acceptance'])}",
     )
+    if CONTROL in t:
+        lines += [f"{CONTROL} is a second plain engine, interleaved like the others: its ratios are this run's "
+                  "noise floor (engine to engine, moment to moment).", ""]
     ident = [(n, rows["Overall"].get("identical")) for n, rows in t.items() if rows.get("Overall", {}).get("identical") is not None]
     if ident:
         lines += ["Outputs token-identical to plain vLLM: " + ", ".join(f"{n} {100 * v:.0f} %" for n, v in ident)]
@@ -493,6 +499,8 @@ def add_arguments(p: Any) -> None:
     p.add_argument("--dtype", default="float32")
     p.add_argument("--repeats", type=int, default=2, help="interleaved repeats (the spread in the tables)")
     p.add_argument("--no-warmup", action="store_true", help="leave out the untimed first pass over every chunk")
+    p.add_argument("--control", action="store_true",
+                   help=f"add {CONTROL!r}, a second plain engine: its ratios to plain are this run's noise floor")
     p.add_argument("--out", default=None, help="output folder (default: bench-results/<time>)")
     p.add_argument("--sweep-skip", default=None, help="sweep mode: skip_layers values, e.g. 0.2,0.3,0.4,0.5")
     p.add_argument("--sweep-k", default="2,3,4,5", help="sweep mode: K values")
@@ -512,6 +520,10 @@ def main(args: Any) -> int:
     try:
         clasp_config = json.loads(args.clasp_config)
         methods = parse_methods(args.methods, args.spec, clasp_config)
+        if args.control:
+            if CONTROL in {m.name for m in methods}:
+                raise ValueError(f"--control adds a method named {CONTROL!r}; another method has that name")
+            methods.insert(1, Method(CONTROL, None))
         groups = [g.strip() for g in args.groups.split(",") if g.strip()]
         questions = questions_by_group(args.per_group, groups, args.offset)
     except (ValueError, json.JSONDecodeError) as e:
