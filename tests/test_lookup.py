@@ -99,3 +99,28 @@ def test_a_sequence_that_accepts_less_than_the_table_expects_gets_shorter_drafts
     assert free.scale() < 0.5 and copying.scale() > 1.1
     price = 0.5
     assert _keep(acc, False, 2, 4, price, free) < _keep(acc, False, 2, 4, price) <= _keep(acc, False, 2, 4, price, copying)
+
+
+def test_long_matches_are_classed_by_how_far_back_they_reach():
+    """A match of lookup_max tokens is followed back: its class is the largest of LONG_MATCHES
+    (or lookup_max) its whole length reaches; the draft itself is unchanged."""
+    from vllm_clasp.lookup import LONG_MATCHES
+
+    rng = np.random.default_rng(1)
+    for _ in range(500):
+        span = rng.integers(0, 3, size=int(rng.integers(6, 40))).astype(np.int32)
+        seq = np.concatenate([rng.integers(0, 3, size=int(rng.integers(0, 10))), span,
+                              rng.integers(0, 3, size=int(rng.integers(1, 5))), span]).astype(np.int32)
+        d, n = lookup_match(seq, 1, 6, 4)
+        d2, c = lookup_match(seq, 1, 6, 4, LONG_MATCHES)
+        assert (d == d2).all()
+        if n < 6:
+            assert c == n
+            continue
+        start = len(seq) - 1 - int(np.flatnonzero([(seq[e - 5 : e + 1] == seq[-6:]).all() if e >= 5 else False
+                                                   for e in range(len(seq) - 2, -1, -1)])[0])
+        # the occurrence ends at start (exclusive): count how far back it matches the suffix
+        m = 0
+        while m < 32 and start - 1 - m >= 0 and seq[start - 1 - m] == seq[len(seq) - 1 - m]:
+            m += 1
+        assert c == max([6] + [x for x in LONG_MATCHES if x <= m]), (seq.tolist(), c, m)

@@ -28,7 +28,7 @@ from vllm.logger import init_logger
 from vllm_clasp.config import PARAMS_ATTR, ClaspConfig
 from vllm_clasp.patches import WAITING_ATTR
 from vllm_clasp.governor import LOOKUP, PLAIN, SKIP, Governor, critical_rows
-from vllm_clasp.lookup import LookupAcceptance, SeqAcceptance, lookup_match
+from vllm_clasp.lookup import LONG_MATCHES, LookupAcceptance, SeqAcceptance, lookup_match
 from vllm_clasp.drafting import DraftHead, KVGroup, LayerStack, ScratchLayerRunner, draft_step, kv_group_from_runner, layer_stack
 from vllm_clasp.metrics import observe_plan
 from vllm_clasp.planner import plan_skip_layers, skip_mask
@@ -229,7 +229,7 @@ class ClaspProposer:
                     continue
                 n_i = int(num_tokens[i])
                 k = min(self.k, self.max_model_len - n_i)
-                d, ng = lookup_match(batch.token_ids_cpu[i, :n_i], self.cfg.lookup_min, self.cfg.lookup_max, k)
+                d, ng = lookup_match(batch.token_ids_cpu[i, :n_i], self.cfg.lookup_min, self.cfg.lookup_max, k, LONG_MATCHES)
                 if d.size:
                     found[i] = (d, ng)
                 elif crit is not None and crit[i] and not self.governor.free_tokens(len(active), len(active)):
