@@ -123,3 +123,53 @@ def test_planner_skips_a_near_identity_layer_first():
     for k in (1, 3, 4):
         model = TinyDecoder(num_layers=6, seed=2, quiet_layer=k)
         assert plan_skip_layers(model.targets, 1, model.run_layer) == [k]
+
+
+def test_a_plan_has_drifted_only_when_its_drafts_fall_off_beyond_chance():
+    import numpy as np
+
+    from vllm_clasp.proposer import PlanFit
+
+    steady = PlanFit()
+    rng = np.random.default_rng(0)
+    flagged = 0
+    for _ in range(640):  # 2 drafted tokens a round, each accepted 70 % of the time, for ever
+        steady.add(2, int((rng.random(2) < 0.7).cumprod().sum()))
+        if steady.drifted():
+            flagged += 1
+            steady = PlanFit()  # re-planned
+    assert flagged <= 4  # noise alone: far fewer plans than the clock's 20 in 640 rounds
+
+    fell = PlanFit()
+    for _ in range(4):
+        fell.add(2, 2)  # the plan fits: both drafts accepted
+    fell.add(2, 0)
+    assert not fell.drifted()  # one bad round says little
+    rounds = 1
+    while not fell.drifted():
+        fell.add(2, 0)  # the text moved on: nothing accepted
+        rounds += 1
+    assert rounds <= 10  # well before the clock's 32
+    assert not PlanFit().drifted()  # nothing measured since the plan: nothing to say
+
+
+def test_a_sequence_is_due_a_plan_when_never_planned_overdue_or_drifted():
+    import torch
+
+    from vllm_clasp.proposer import PlanFit, _SeqState, plan_due
+
+    st = _SeqState()
+    assert plan_due(st, 32) == 0
+    st.keep = torch.ones(4, dtype=torch.bool)
+    st.rounds_since_plan = 10
+    assert plan_due(st, 32) is None
+    st.rounds_since_plan = 33
+    assert plan_due(st, 32) == 1  # the clock
+    st.rounds_since_plan = 10
+    for _ in range(4):
+        st.fit.add(2, 2)
+    for _ in range(10):
+        st.fit.add(2, 0)
+    assert plan_due(st, 32) == 1  # drifted long before the clock
+    st.fit = PlanFit()  # what a new plan does
+    assert plan_due(st, 32) is None

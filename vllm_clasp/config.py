@@ -58,7 +58,8 @@ class ClaspConfig:
     """Context drafts: n-gram sizes matched against the sequence's own context (lookup_max=0: off).
     Short matches are kept only while their measured acceptance pays (see lookup.LookupAcceptance)."""
     replan_interval: int = 32
-    """Re-run the layer planner for a sequence every this many verification rounds."""
+    """Re-run the layer planner for a sequence at the latest after this many verification rounds;
+    sooner when its layer-skip drafts are accepted markedly less than just after its last plan."""
     max_plans_per_step: int = 1
     """At most this many sequences are re-planned in one engine step; others wait their turn."""
     min_draft_layers: int = 1
@@ -82,7 +83,7 @@ class ClaspConfig:
         "draft_keep_threshold": "float in [0, 1]: the exiting draft is still proposed if its top-1 probability is at least this",
         "lookup_min": "int >= 1: shortest context n-gram used for zero-cost context drafts",
         "lookup_max": "int >= 0 (>= lookup_min, or 0 = off): longest context n-gram matched",
-        "replan_interval": "int >= 1: verification rounds between two plans of a sequence",
+        "replan_interval": "int >= 1: most verification rounds between two plans of a sequence",
         "max_plans_per_step": "int in [1, 64]: sequences planned in one engine step at most",
         "min_draft_layers": "int >= 1: decoder layers the draft always keeps",
         "draft_vocab": "int >= 0: draft head vocabulary (lowest ids + context tokens; 0 = full)",

@@ -7,10 +7,11 @@ builders), the verification step's attention metadata and the per-layer hidden s
 during verification.
 
 Per round and sequence: find the last accepted token of the verification just run; if the
-sequence is due a plan (after prefill, then every ``replan_interval`` rounds), run the DP on that
-token's captured states; then draft up to K tokens with the planned layers skipped, stopping at
-the first draft whose top-1 probability is below ``draft_exit_threshold``. vLLM's rejection
-sampler verifies the drafts in the next step.
+sequence is due a plan (after prefill, then when its layer-skip drafts are accepted markedly less
+than just after its last plan, ``PlanFit``, or at the latest every ``replan_interval`` rounds),
+run the DP on that token's captured states; then draft up to K tokens with the planned layers
+skipped, stopping at the first draft whose top-1 probability is below ``draft_exit_threshold``.
+vLLM's rejection sampler verifies the drafts in the next step.
 """
 
 from __future__ import annotations
@@ -40,6 +41,51 @@ PLAN_HORIZON = 16
 """Tokens a sequence must have left (max_tokens, model length) for a new plan (governor on)."""
 
 
+@dataclass
+class PlanFit:
+    """How a sequence's layer-skip drafts fare under its current plan, for re-planning when the
+    plan stops fitting the text rather than only by the clock.
+
+    The first ``base_rounds`` rounds with layer-skip drafts after a plan give its level; later
+    rounds a decayed recent level. The plan has drifted when the recent acceptance is both
+    ``drop`` below that level and lower than chance allows (a one-sided two-proportion test at
+    ``z``; both levels come from a few tokens): drafts of one to three tokens a round make a
+    single bad round meaningless, and a plan costs one to two full forwards."""
+
+    base_rounds: int = 4
+    drop: float = 0.25
+    decay: float = 0.8
+    min_recent_tokens: float = 8.0
+    z: float = 2.5
+    rounds: int = 0
+    base_drafted: float = 0.0
+    base_accepted: float = 0.0
+    recent_drafted: float = 0.0
+    recent_accepted: float = 0.0
+
+    def add(self, drafted: int, accepted: int) -> None:
+        if drafted <= 0:
+            return
+        self.rounds += 1
+        if self.rounds <= self.base_rounds:
+            self.base_drafted += drafted
+            self.base_accepted += accepted
+        else:
+            self.recent_drafted = self.recent_drafted * self.decay + drafted
+            self.recent_accepted = self.recent_accepted * self.decay + accepted
+
+    def drifted(self) -> bool:
+        if self.rounds <= self.base_rounds or self.recent_drafted < self.min_recent_tokens:
+            return False
+        nb, nr = self.base_drafted, self.recent_drafted
+        pb, pr = self.base_accepted / nb, self.recent_accepted / nr
+        if pr >= (1.0 - self.drop) * pb:
+            return False
+        # Both levels are estimates from a few tokens: a two-proportion test, one-sided.
+        p = (self.base_accepted + self.recent_accepted + 1.0) / (nb + nr + 2.0)
+        return pb - pr > self.z * (p * (1.0 - p) * (1.0 / nb + 1.0 / nr)) ** 0.5
+
+
 def rows_to_plan(due: list[tuple[int, int]], skip_rows: set[int], pinned: set[int], left: dict[int, int],
                  since: dict[int, int], have_fallback: bool, max_plans: int) -> list[int]:
     """Rows to plan this step, from ``due`` ((0 never planned | 1 overdue, row)): only rows
@@ -60,10 +106,21 @@ def rows_to_plan(due: list[tuple[int, int]], skip_rows: set[int], pinned: set[in
 class _SeqState:
     keep: torch.Tensor | None = None  # [L] bool, layers the draft runs
     rounds_since_plan: int = 0
+    fit: PlanFit = field(default_factory=PlanFit)  # its layer-skip acceptance since the plan
     lookup_n: int = 0  # n-gram length behind the context draft proposed last round (0: none)
     lookup_expect: float = 0.0  # the chances of that draft's tokens, summed
     skip_drafted: bool = False  # last round's draft came from the layer-skip model
     lookup: SeqAcceptance = field(default_factory=SeqAcceptance)
+
+
+def plan_due(st: _SeqState, interval: int) -> int | None:
+    """Is the sequence due a plan: 0 never planned, 1 its plan is older than ``interval`` rounds
+    or has drifted (``PlanFit``); None not due."""
+    if st.keep is None:
+        return 0
+    if st.rounds_since_plan > interval or st.fit.drifted():
+        return 1
+    return None
 
 
 @dataclass
@@ -192,11 +249,11 @@ class ClaspProposer:
                 skip_rows_v += 1
                 skip_drafted_v += num_draft
                 skip_accepted_v += len(sampled_token_ids[i]) - 1
+                st.fit.add(num_draft, len(sampled_token_ids[i]) - 1)
             st.lookup_n, st.lookup_expect, st.skip_drafted = 0, 0.0, False
-            if st.keep is None:
-                due.append((0, i))
-            elif st.rounds_since_plan > self.cfg.replan_interval:
-                due.append((1, i))
+            why = plan_due(st, self.cfg.replan_interval)
+            if why is not None:
+                due.append((why, i))
             active.append(i)
         self.stats.rounds += len(active)
         self.governor.observe(committed, measurable, now, scheduled=int(qsl[n] - qsl[0]), rows=len(active))
@@ -320,7 +377,7 @@ class ClaspProposer:
             if n == 0 or batch.num_computed_tokens_cpu[i] + n < batch.num_prompt_tokens[i]:
                 continue  # not sampled this step (a prefill chunk that is not the last)
             st = self.seqs.get(rid)
-            if st is None or st.keep is None or st.rounds_since_plan + 1 > limit:
+            if st is None or plan_due(st, limit - 1) is not None:  # due after this step
                 if skip_possible or i in batch.generators:
                     return True
         return False
@@ -350,6 +407,7 @@ class ClaspProposer:
         st = self.seqs[rid]
         st.keep = keep
         st.rounds_since_plan = 0
+        st.fit = PlanFit()
         self.fallback_keep = keep
         self.stats.plans += 1
         dt = time.perf_counter() - t0
