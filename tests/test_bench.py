@@ -118,3 +118,14 @@ def test_breakdown_splits_the_step_and_its_command_runs(tiny_model, tmp_path):
     assert (out / "breakdown.png").stat().st_size > 1000
     bad = subprocess.run(cmd[:-2] + ["--batch-sizes", "0"], capture_output=True, text=True, timeout=300)
     assert bad.returncode != 0 and "--batch-sizes" in bad.stderr
+
+
+def test_cpu_isa_names_the_widest_vector_unit(tmp_path):
+    from vllm_clasp.bench import cpu_isa
+
+    f = tmp_path / "cpuinfo"
+    f.write_text("processor\t: 0\nflags\t\t: fpu sse2 avx2 avx512f avx512bw\n")
+    assert cpu_isa(str(f)) == " (AVX-512)"
+    f.write_text("flags\t\t: fpu sse2 avx2\n")
+    assert cpu_isa(str(f)) == " (AVX2)"
+    assert cpu_isa(str(tmp_path / "missing")) == ""
