@@ -17,10 +17,10 @@ def _engine(model, spec, **kw):
     return LLM(speculative_config=spec, **engine_kwargs(model, max_num_seqs=16, max_num_batched_tokens=512, **kw))
 
 
-def _run_all(model, spec, passes):
+def _run_all(model, spec, passes, **kw):
     from vllm import SamplingParams
 
-    llm = _engine(model, spec)
+    llm = _engine(model, spec, **kw)
     try:
         outs = {}
         before = _counters(llm)
@@ -69,3 +69,18 @@ def test_greedy_identical_tiny_model_many_plans_and_rejections(tiny_model, defau
     # Threshold 0 and no context drafts: every round drafts K = 4 with skipped layers (the
     # scheduler trims drafts only at a request's last tokens).
     assert m["draft_tokens"] >= 3.5 * m["drafts"] > 0, m
+
+
+def test_greedy_identical_with_torch_compile(tiny_model, default_model):
+    """vLLM's default mode (``enforce_eager`` off): the target's forward is compiled and returns
+    every layer's state on every step; drafts and plans run on the same modules eagerly."""
+    qs = load_spec_bench(categories=["summarization", "coding", "qa"], per_category=2)
+    prompts = chat_token_ids(default_model, [q.text for q in qs])
+    passes = [("bs1", prompts[:2], 1, 32), ("bs6", prompts, 6, 32)]
+    plain, _ = _run_all(tiny_model, None, passes, enforce_eager=False)
+    spec = {"method": "clasp", "skip_layers": 2, "replan_interval": 1, "draft_exit_threshold": 0.0,
+            "num_speculative_tokens": 3, "self_check": True, "adaptive": False, "lookup_max": 0}
+    clasp, m = _run_all(tiny_model, spec, passes, enforce_eager=False)
+    for name, *_ in passes:
+        assert plain[name] == clasp[name], name
+    assert m["draft_tokens"] >= 2.5 * m["drafts"] > 0, m

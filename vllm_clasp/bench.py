@@ -115,7 +115,7 @@ class Engines:
     """All methods' engines, up at once."""
 
     def __init__(self, model: str, methods: Sequence[Method], batch_size: int, max_model_len: int, dtype: str,
-                 kv_cache_gib: int = 2):
+                 kv_cache_gib: int = 2, compiled: bool = False):
         from vllm import LLM
 
         from vllm.platforms import current_platform
@@ -128,7 +128,8 @@ class Engines:
         self.llms: dict[str, Any] = {}
         try:
             for m in self.methods:
-                kw = engine_kwargs(model, max_num_seqs=max(batch_size, 1), max_model_len=max_model_len, dtype=dtype)
+                kw = engine_kwargs(model, max_num_seqs=max(batch_size, 1), max_model_len=max_model_len, dtype=dtype,
+                                   enforce_eager=not compiled)
                 self.llms[m.name] = LLM(speculative_config=m.spec, **kw)
         except BaseException:
             self.close()
@@ -180,14 +181,17 @@ def run_bench(
     progress: bool = True,
     warmup: bool = True,
     chunk_size: int | None = None,
+    compiled: bool = False,
 ) -> list[Chunk]:
     """``chunk_size`` prompts go to one ``generate`` call (default: ``batch_size``); with more than
-    ``batch_size`` of them the rest wait for a slot, as on a busy server."""
+    ``batch_size`` of them the rest wait for a slot, as on a busy server. ``compiled``: every engine
+    with vLLM's default torch.compile (``enforce_eager`` off), as users run it; the default here
+    is eager, which starts in seconds instead of minutes."""
     from vllm import SamplingParams
 
     prompts = chat_token_ids(model, [q.text for q in questions])
     sampling = SamplingParams(temperature=temperature, max_tokens=max_tokens, seed=None)
-    engines = Engines(model, methods, batch_size, max_model_len, dtype)
+    engines = Engines(model, methods, batch_size, max_model_len, dtype, compiled=compiled)
     chunks: list[Chunk] = []
     try:
         for m in methods:  # warm-up outside the timing
@@ -399,6 +403,7 @@ def run_sweep(
     dtype: str = "float32",
     progress: bool = True,
     chunk_size: int | None = None,
+    compiled: bool = False,
 ) -> list[dict[str, Any]]:
     """Each (skip_layers, K) cell: a clasp engine beside a plain one, the prompts interleaved."""
     cells = []
@@ -410,7 +415,7 @@ def run_sweep(
             print(f"sweep cell {n + 1}/{total}: skip_layers={s}, K={k}", flush=True)
         chunks = run_bench(model, methods, questions, max_tokens=max_tokens, batch_size=batch_size,
                            temperature=temperature, repeats=1, dtype=dtype, progress=progress,
-                           chunk_size=chunk_size)
+                           chunk_size=chunk_size, compiled=compiled)
         row = summarize(chunks, methods, greedy=temperature == 0)["table"]["clasp"]["Overall"]
         cells.append({"skip_layers": s, "k": k, "speedup": row["speedup"], "tau": row["tau"],
                       "acceptance": row["acceptance"], "identical": row.get("identical")})
@@ -512,6 +517,9 @@ def add_arguments(p: Any) -> None:
     p.add_argument("--dtype", default="float32")
     p.add_argument("--repeats", type=int, default=2, help="interleaved repeats (the spread in the tables)")
     p.add_argument("--no-warmup", action="store_true", help="leave out the untimed first pass over every chunk")
+    p.add_argument("--compile", action="store_true",
+                   help="run every engine with torch.compile (enforce_eager off, vLLM's default; "
+                        "each engine then takes a minute or more to start); default: eager")
     p.add_argument("--control", action="store_true",
                    help=f"add {CONTROL!r}, a second plain engine: its ratios to plain are this run's noise floor")
     p.add_argument("--out", default=None, help="output folder (default: bench-results/<time>)")
@@ -551,7 +559,8 @@ def main(args: Any) -> int:
     setting = (f"{Path(model).name}, {args.dtype}, {len(questions)} Spec-Bench questions "
                f"({args.per_group} per group), {args.max_tokens} new tokens, batch size {args.batch_size}, "
                + (f"{args.queue} prompts per call (the rest queue), " if args.queue else "")
-               + f"temperature {args.temperature}, {platform.machine()} CPU x{os.cpu_count()}{cpu_isa()}")
+               + f"temperature {args.temperature}, "
+               + ("torch.compile" if args.compile else "eager") + f", {platform.machine()} CPU x{os.cpu_count()}{cpu_isa()}")
     if args.sweep_skip:
         try:  # skip_layers: a count ("12") or a fraction ("0.4")
             skips = [int(x) if x.strip().isdigit() else float(x) for x in args.sweep_skip.split(",")]
@@ -562,7 +571,7 @@ def main(args: Any) -> int:
             raise SystemExit(f"vllm-clasp bench: --sweep-skip/--sweep-k: {e}") from None
         cells = run_sweep(model, clasp_config, skips, ks, questions, max_tokens=args.max_tokens,
                           batch_size=args.batch_size, temperature=args.temperature, dtype=args.dtype,
-                          progress=not args.no_progress, chunk_size=args.queue)
+                          progress=not args.no_progress, chunk_size=args.queue, compiled=args.compile)
         (out / "sweep.json").write_text(json.dumps({"setting": setting, "cells": cells}, indent=1))
         plot_sweep(cells, out / "sweep.png", f"clasp sweep — {setting}")
         print(f"\n| skip_layers | K | speedup | τ | acceptance |\n|---|---|---|---|---|")
@@ -572,7 +581,8 @@ def main(args: Any) -> int:
         return 0
     chunks = run_bench(model, methods, questions, max_tokens=args.max_tokens, batch_size=args.batch_size,
                        temperature=args.temperature, repeats=args.repeats, dtype=args.dtype,
-                       progress=not args.no_progress, warmup=not args.no_warmup, chunk_size=args.queue)
+                       progress=not args.no_progress, warmup=not args.no_warmup, chunk_size=args.queue,
+                       compiled=args.compile)
     summary = summarize(chunks, methods, greedy=args.temperature == 0)
     summary.update(setting=setting, methods={m.name: m.spec for m in methods})
     (out / "results.json").write_text(json.dumps(summary, indent=1))
