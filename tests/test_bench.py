@@ -7,7 +7,8 @@ import sys
 import pytest
 
 from vllm_clasp.bench import (
-    Chunk, GROUPS, Method, add_arguments, chunk_plan, main, markdown, parse_methods, questions_by_group, summarize,
+    Chunk, GROUPS, Method, add_arguments, chunk_plan, main, markdown, paired_interval, parse_methods,
+    questions_by_group, summarize, verdict,
 )
 
 
@@ -63,8 +64,20 @@ def test_summarize_speedup_tau_spread_and_identical_share():
     assert row["acceptance"] == pytest.approx(0.5)
     assert row["identical"] == pytest.approx(0.5)
     assert t["fast"]["Overall"]["speedup"] == pytest.approx(1.625)
+    assert row["pairs"] == 2 and row["paired"][0] == pytest.approx((2.0 * 1.25) ** 0.5)
     md = markdown(summarize(chunks, methods), "header")
-    assert "1.62 [1.25–2.00]" in md and "fast 50 %" in md
+    assert "1.62 [1.25–2.00]" in md and "fast 50 %" in md and "1.58 [" in md
+
+
+def test_paired_interval_and_verdict():
+    assert paired_interval([1.1]) is None and verdict(None) == "?"
+    gm, lo, hi = paired_interval([1.0, 1.0, 1.0])
+    assert gm == lo == hi == pytest.approx(1.0) and verdict((gm, lo, hi)) == "="
+    gm, lo, hi = paired_interval([1.5, 1.6, 1.55, 1.45])
+    assert lo > 1.0 and verdict((gm, lo, hi)) == "faster"
+    assert verdict(paired_interval([0.8, 0.82, 0.79])) == "slower"
+    # Two pairs a lot apart: t with 1 degree of freedom (12.7) keeps the verdict open.
+    assert verdict(paired_interval([0.9, 1.2])) == "="
 
 
 @pytest.mark.slow

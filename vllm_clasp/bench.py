@@ -248,6 +248,34 @@ def _mean(xs: Sequence[float]) -> float:
     return sum(xs) / len(xs) if xs else float("nan")
 
 
+_T95 = (12.71, 4.30, 3.18, 2.78, 2.57, 2.45, 2.36, 2.31, 2.26, 2.23, 2.20, 2.18, 2.16, 2.14, 2.13, 2.12, 2.11,
+        2.10, 2.09, 2.09, 2.08, 2.07, 2.07, 2.06, 2.06, 2.06, 2.05, 2.05, 2.05, 2.04)
+"""Two-sided 95 % quantiles of Student's t for 1..30 degrees of freedom (1.96 beyond)."""
+
+
+def paired_interval(ratios: Sequence[float]) -> tuple[float, float, float] | None:
+    """Geometric mean of chunk-paired ratios (a method and plain on the same prompts, run next to
+    each other) and its 95 % t-interval: a shared machine's slow moments hit both sides of a
+    pair, so the pairs' spread is the noise a verdict has to beat. None with fewer than 2 pairs."""
+    import math
+
+    logs = [math.log(r) for r in ratios if r > 0]
+    n = len(logs)
+    if n < 2:
+        return None
+    m = sum(logs) / n
+    sd = (sum((x - m) ** 2 for x in logs) / (n - 1)) ** 0.5
+    h = (_T95[n - 2] if n - 1 <= len(_T95) else 1.96) * sd / n**0.5
+    return math.exp(m), math.exp(m - h), math.exp(m + h)
+
+
+def verdict(ci: Sequence[float] | None) -> str:
+    """'faster' / 'slower' when the whole 95 % interval lies above / below plain, else '='."""
+    if not ci:
+        return "?"
+    return "faster" if ci[1] > 1.0 else "slower" if ci[2] < 1.0 else "="
+
+
 def summarize(chunks: Sequence[Chunk], methods: Sequence[Method], baseline: str = "plain",
               greedy: bool = True) -> dict[str, Any]:
     """Per method and group (and Overall): tokens/s, speedup (mean and range over repeats), τ,
@@ -256,6 +284,7 @@ def summarize(chunks: Sequence[Chunk], methods: Sequence[Method], baseline: str 
     repeats = sorted({c.repeat for c in runs})
     groups = list(dict.fromkeys(c.group for c in runs)) + ["Overall"]
     base_out = {(c.repeat, tuple(c.prompt_ids)): c.outputs for c in runs if c.method == baseline}
+    base_tps = {(c.repeat, tuple(c.prompt_ids)): c.tokens / c.seconds for c in runs if c.method == baseline}
     table: dict[str, dict[str, Any]] = {}
     for m in methods:
         table[m.name] = {}
@@ -280,6 +309,9 @@ def summarize(chunks: Sequence[Chunk], methods: Sequence[Method], baseline: str 
                 b = table[baseline][g]["tokens_per_s_by_repeat"]
                 sp = [x / y for x, y in zip(row["tokens_per_s_by_repeat"], b)]
                 row.update(speedup=_mean(sp), speedup_min=min(sp), speedup_max=max(sp))
+                pairs = [c.tokens / c.seconds / base_tps[k] for c in sel
+                         if (k := (c.repeat, tuple(c.prompt_ids))) in base_tps and c.seconds > 0]
+                row.update(paired=paired_interval(pairs), pairs=len(pairs))
                 same = total = 0
                 for c in sel:
                     ref = base_out.get((c.repeat, tuple(c.prompt_ids)))
@@ -332,6 +364,13 @@ def markdown(summary: dict[str, Any], header: str) -> str:
     lines += table(
         "Speedup over plain vLLM (mean of repeats, range in brackets):",
         lambda r: f"{r['speedup']:.2f} [{r['speedup_min']:.2f}–{r['speedup_max']:.2f}]" if "speedup" in r else "-",
+    )
+    lines += table(
+        "Chunk by chunk (each chunk's prompts through a method and through plain, next to each other): "
+        "geometric mean of the ratios, its 95 % interval, and the verdict (faster / slower: the whole "
+        "interval above / below 1; =: not told apart from plain at this run's noise):",
+        lambda r: (f"{r['paired'][0]:.2f} [{r['paired'][1]:.2f}–{r['paired'][2]:.2f}] {verdict(r['paired'])}"
+                   if r.get("paired") else "-"),
     )
     lines += table(
         "Tokens/s, τ (tokens per step) and draft acceptance:",
