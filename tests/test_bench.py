@@ -20,6 +20,39 @@ def test_questions_by_group_takes_mt_bench_categories_in_turn():
         questions_by_group(1, ["Poetry"])
 
 
+def test_question_file_of_ones_own(tmp_path):
+    f = tmp_path / "mine.jsonl"
+    f.write_text('{"category": "haiku", "prompt": "Write a haiku about rain."}\n\n'
+                 '{"question_id": 7, "category": "qa", "turns": ["Who wrote Hamlet?", "And Macbeth?"]}\n'
+                 '{"category": "haiku", "prompt": "Write a haiku about snow."}\n'
+                 '{"category": "math_reasoning", "prompt": "What is 2 + 3?"}\n')
+    qs = questions_by_group(2, path=f)
+    assert [(q.group, q.text) for q in qs] == [
+        ("haiku", "Write a haiku about rain."), ("haiku", "Write a haiku about snow."),
+        ("QA", "Who wrote Hamlet?"), ("Math", "What is 2 + 3?")]  # Spec-Bench's categories keep their groups
+    assert qs[2].question_id == 7 and qs[0].question_id == 1
+    assert [q.text for q in questions_by_group(2, ["haiku"], offset=1, path=f)] == ["Write a haiku about snow."]
+    with pytest.raises(ValueError, match=r"unknown groups in .*mine.jsonl \['RAG'\]; known: \['haiku', 'QA', 'Math'\]"):
+        questions_by_group(1, ["RAG"], path=f)
+    with pytest.raises(ValueError, match=r"no haiku questions left after --offset 2 \(its categories hold 2\)"):
+        questions_by_group(1, path=f, offset=2)
+    with pytest.raises(ValueError, match=r"no MT-bench questions left after --offset 16 \(its categories hold 10, 10"):
+        questions_by_group(4, offset=16)  # MT-bench's eight categories hold 10 questions each
+    for text, msg in [('{"category": "x"}', "line 1: needs 'turns'"), ('{"prompt": "hi"}', "line 1: needs a non-empty"),
+                      ("[1]", "line 1: expected a JSON object"), ("{oops", "line 1: not JSON"), ("\n", "holds no questions")]:
+        f.write_text(text)
+        with pytest.raises(ValueError, match=msg):
+            questions_by_group(1, path=f)
+    import argparse
+
+    p = argparse.ArgumentParser()
+    add_arguments(p)
+    for argv, msg in [(["--questions", str(tmp_path / "none.jsonl")], "cannot read question file"),
+                      (["--questions", str(f)], "holds no questions"), (["--offset", "-1"], "--offset must be >= 0")]:
+        with pytest.raises(SystemExit, match=msg):
+            main(p.parse_args(argv))
+
+
 def test_parse_methods_adds_plain_and_refuses_bad_input():
     ms = parse_methods("clasp", ['n3={"method": "ngram", "num_speculative_tokens": 3, "prompt_lookup_max": 3}'], {})
     assert [m.name for m in ms] == ["plain", "clasp", "n3"]
@@ -98,11 +131,18 @@ def test_bench_command_end_to_end_on_the_tiny_model(tiny_model, tmp_path):
     assert overall["clasp"]["layers_skipped"] == pytest.approx(2.0)
     assert len(overall["tokens_per_s_by_repeat"]) == 2 and "3 prompts per call" in res["setting"]
     assert (out / "speedup.png").stat().st_size > 1000 and "Overall" in (out / "results.md").read_text()
-    sweep = tmp_path / "s"
-    cmd = cmd[: cmd.index("--out")] + ["--out", str(sweep), "--sweep-skip", "1,2", "--sweep-k", "2,3", "--repeats", "1"]
+    sweep = tmp_path / "s"  # and on prompts of one's own
+    mine = tmp_path / "mine.jsonl"
+    mine.write_text("".join(json.dumps({"category": c, "prompt": p}) + "\n" for c, p in [
+        ("haiku", "Write a haiku about rain."), ("recall", "Repeat: one two three one two three one two"),
+        ("haiku", "Write a haiku about snow.")]))
+    cmd = cmd[: cmd.index("--groups")] + cmd[cmd.index("--per-group"): cmd.index("--out")] + [
+        "--questions", str(mine), "--out", str(sweep), "--sweep-skip", "1,2", "--sweep-k", "2,3", "--repeats", "1"]
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=1800)
     assert r.returncode == 0, r.stderr[-3000:]
-    cells = json.loads((sweep / "sweep.json").read_text())["cells"]
+    sw = json.loads((sweep / "sweep.json").read_text())
+    assert "3 questions from mine.jsonl" in sw["setting"]
+    cells = sw["cells"]
     assert {(c["skip_layers"], c["k"]) for c in cells} == {(1.0, 2), (1.0, 3), (2.0, 2), (2.0, 3)}
     assert all(c["identical"] == 1.0 for c in cells) and (sweep / "sweep.png").exists()
 

@@ -27,7 +27,6 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from vllm_clasp.compare import (
-    SPEC_BENCH_GROUPS,
     SPEC_COUNTERS,
     Question,
     _counters,
@@ -35,6 +34,7 @@ from vllm_clasp.compare import (
     chat_token_ids,
     engine_kwargs,
     load_spec_bench,
+    read_questions,
     shutdown,
 )
 
@@ -71,16 +71,22 @@ class Chunk:
     clasp: dict[str, float] = field(default_factory=dict)
 
 
-def questions_by_group(per_group: int, groups: Sequence[str] | None = None, offset: int = 0) -> list[Question]:
-    """``per_group`` questions from each Spec-Bench group; MT-bench takes its eight categories in turn."""
-    wanted = list(groups or GROUPS)
-    unknown = [g for g in wanted if g not in GROUPS]
+def questions_by_group(per_group: int, groups: Sequence[str] | None = None, offset: int = 0,
+                       path: str | Path | None = None) -> list[Question]:
+    """``per_group`` questions from each group; a group of several categories (MT-bench's eight)
+    takes them in turn. ``path``: a question file of one's own instead of Spec-Bench
+    (:func:`~vllm_clasp.compare.read_questions`), its categories grouped as Spec-Bench's are."""
+    rows = read_questions(path) if path is not None else load_spec_bench()
+    known = list(dict.fromkeys(q.group for q in rows)) if path is not None else list(GROUPS)
+    wanted = list(groups or known)
+    unknown = [g for g in wanted if g not in known]
     if unknown:
-        raise ValueError(f"unknown Spec-Bench groups {unknown}; known: {list(GROUPS)}")
+        what = f"groups in {path}" if path is not None else "Spec-Bench groups"
+        raise ValueError(f"unknown {what} {unknown}; known: {known}")
     out: list[Question] = []
     for g in wanted:
-        cats = [c for c, gg in SPEC_BENCH_GROUPS.items() if gg == g]
-        per_cat = {c: load_spec_bench(categories=[c]) for c in cats}
+        cats = list(dict.fromkeys(q.category for q in rows if q.group == g))
+        per_cat = {c: [q for q in rows if q.category == c] for c in cats}
         picked: list[Question] = []
         i = offset
         while len(picked) < per_group and any(i < len(v) for v in per_cat.values()):
@@ -88,6 +94,9 @@ def questions_by_group(per_group: int, groups: Sequence[str] | None = None, offs
                 if i < len(per_cat[c]) and len(picked) < per_group:
                     picked.append(per_cat[c][i])
             i += 1
+        if not picked:  # a group silently left out would change what "Overall" means
+            raise ValueError(f"no {g} questions left after --offset {offset} (its categories hold "
+                             f"{', '.join(str(len(v)) for v in per_cat.values())})")
         out += picked
     return out
 
@@ -544,7 +553,11 @@ def add_arguments(p: Any) -> None:
     p.add_argument("--spec", action="append", default=[], metavar="NAME=JSON",
                    help="an extra method: any vLLM speculative_config, e.g. 'ngram3={\"method\":\"ngram\",...}'")
     p.add_argument("--clasp-config", default="{}", help="clasp options for the 'clasp' method, JSON")
-    p.add_argument("--groups", default=",".join(GROUPS), help="Spec-Bench groups, comma-separated")
+    p.add_argument("--questions", default=None, metavar="FILE",
+                   help="prompts of your own instead of Spec-Bench: JSON lines, each "
+                        "{\"category\": ..., \"prompt\": ...} or Spec-Bench's {\"category\": ..., \"turns\": [...]}")
+    p.add_argument("--groups", default=None,
+                   help=f"groups, comma-separated (default: all; Spec-Bench's: {','.join(GROUPS)})")
     p.add_argument("--per-group", type=int, default=4, help="questions per group (MT-bench: its 8 categories in turn)")
     p.add_argument("--offset", type=int, default=0, help="skip this many questions per category first")
     p.add_argument("--max-tokens", type=int, default=96)
@@ -573,6 +586,8 @@ def main(args: Any) -> int:
     for name in ("per_group", "max_tokens", "batch_size", "repeats"):
         if getattr(args, name) < 1:
             raise SystemExit(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if args.offset < 0:
+        raise SystemExit(f"--offset must be >= 0, got {args.offset}")
     if args.queue is not None and args.queue < args.batch_size:
         raise SystemExit(f"--queue must be >= --batch-size ({args.batch_size}), got {args.queue}")
     if args.temperature < 0:
@@ -584,8 +599,8 @@ def main(args: Any) -> int:
             if CONTROL in {m.name for m in methods}:
                 raise ValueError(f"--control adds a method named {CONTROL!r}; another method has that name")
             methods.insert(1, Method(CONTROL, None))
-        groups = [g.strip() for g in args.groups.split(",") if g.strip()]
-        questions = questions_by_group(args.per_group, groups, args.offset)
+        groups = [g.strip() for g in (args.groups or "").split(",") if g.strip()] or None
+        questions = questions_by_group(args.per_group, groups, args.offset, args.questions)
     except (ValueError, json.JSONDecodeError) as e:
         raise SystemExit(f"vllm-clasp bench: {e}") from None
     from vllm_clasp.models import MODELS
@@ -595,7 +610,8 @@ def main(args: Any) -> int:
     out.mkdir(parents=True, exist_ok=True)
     import platform
 
-    setting = (f"{Path(model).name}, {args.dtype}, {len(questions)} Spec-Bench questions "
+    source = f"questions from {Path(args.questions).name}" if args.questions else "Spec-Bench questions"
+    setting = (f"{Path(model).name}, {args.dtype}, {len(questions)} {source} "
                f"({args.per_group} per group), {args.max_tokens} new tokens, batch size {args.batch_size}, "
                + (f"{args.queue} prompts per call (the rest queue), " if args.queue else "")
                + f"temperature {args.temperature}, "
@@ -626,7 +642,7 @@ def main(args: Any) -> int:
     summary.update(setting=setting, methods={m.name: m.spec for m in methods})
     (out / "results.json").write_text(json.dumps(summary, indent=1))
     (out / "chunks.json").write_text(json.dumps([dataclasses.asdict(c) for c in chunks]))
-    md = markdown(summary, f"Spec-Bench: {setting}; {args.repeats} interleaved repeats"
+    md = markdown(summary, ("" if args.questions else "Spec-Bench: ") + f"{setting}; {args.repeats} interleaved repeats"
                   + (" after an untimed pass." if not args.no_warmup else " (no warm-up pass)."))
     (out / "results.md").write_text(md)
     plot(summary, out / "speedup.png", setting)

@@ -57,8 +57,8 @@ def load_spec_bench(
     offset: int = 0,
 ) -> list[Question]:
     """First-turn questions, ``per_category`` from each category (after skipping ``offset``)."""
-    rows = [json.loads(line) for line in open(path or spec_bench_path()) if line.strip()]
-    cats = list(dict.fromkeys(r["category"] for r in rows))
+    rows = read_questions(path or spec_bench_path())
+    cats = list(dict.fromkeys(r.category for r in rows))
     if categories is not None:
         wanted = list(categories)
         unknown = [c for c in wanted if c not in cats]
@@ -67,10 +67,40 @@ def load_spec_bench(
         cats = wanted
     out = []
     for c in cats:
-        qs = [r for r in rows if r["category"] == c][offset:]
-        if per_category is not None:
-            qs = qs[:per_category]
-        out += [Question(r["question_id"], c, r["turns"][0]) for r in qs]
+        qs = [r for r in rows if r.category == c][offset:]
+        out += qs[:per_category] if per_category is not None else qs
+    return out
+
+
+def read_questions(path: str | Path) -> list[Question]:
+    """Every row of a JSON-lines question file: Spec-Bench's format (``category``, ``turns``, whose
+    first turn is the prompt; ``question_id``) or the shorter ``{"category": ..., "prompt": ...}``,
+    so that anyone can benchmark on prompts of their own. Bad rows are named by line."""
+    out: list[Question] = []
+    try:
+        lines = Path(path).read_text().splitlines()
+    except OSError as e:
+        raise ValueError(f"cannot read question file {path}: {e.strerror}") from None
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        where = f"{path}, line {n}"
+        try:
+            r = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{where}: not JSON ({e.msg})") from None
+        if not isinstance(r, dict):
+            raise ValueError(f"{where}: expected a JSON object")
+        turns = r.get("turns")
+        text = turns[0] if isinstance(turns, list) and turns else r.get("prompt")
+        if not isinstance(r.get("category"), str) or not r["category"]:
+            raise ValueError(f"{where}: needs a non-empty string 'category'")
+        if not isinstance(text, str) or not text.strip():
+            raise ValueError(f"{where}: needs 'turns' (a list of strings, the first one the prompt) or 'prompt'")
+        qid = r.get("question_id", n)
+        out.append(Question(qid if isinstance(qid, int) else n, r["category"], text))
+    if not out:
+        raise ValueError(f"question file {path} holds no questions")
     return out
 
 
