@@ -49,22 +49,23 @@ def take(worker):
 if __name__ == "__main__":
     from vllm import LLM, SamplingParams
     from vllm.inputs import TokensPrompt
-    from vllm_clasp.bench import questions_by_group
+    from vllm_clasp.bench import chunk_plan, questions_by_group
     from vllm_clasp.compare import chat_token_ids, engine_kwargs
     from vllm_clasp.models import default_model_path
+
+    def mean(xs):
+        return sum(xs) / len(xs) if xs else float("nan")
 
     model = str(default_model_path())
     qs = questions_by_group(8)
     ids = chat_token_ids(model, [q.text for q in qs])
-    groups = {}
-    for q, p in zip(qs, ids):
-        groups.setdefault(q.group, []).append(p)
     llm = LLM(**engine_kwargs(model, speculative_config={"method": "clasp"}, max_num_seqs=8))
     llm.collective_rpc(install)
     sp = SamplingParams(temperature=0.0, max_tokens=64)
     out = []
     for rep in range(int(sys.argv[1]) if len(sys.argv) > 1 else 3):
-        for g, ps in groups.items():
+        for g, idx in chunk_plan(qs, 8):
+            ps = [ids[i] for i in idx]
             t0 = time.perf_counter()
             llm.generate([TokensPrompt(prompt_token_ids=p) for p in ps], sp, use_tqdm=False)
             dt = time.perf_counter() - t0
@@ -74,7 +75,6 @@ if __name__ == "__main__":
             steps8 = [s for s in r["log"] if s[0] == 8 and s[3]]
             drafted = [s for s in steps8 if s[1] > 8]
             plain = [s for s in steps8 if s[1] == 8]
-            mean = lambda xs: sum(xs) / len(xs) if xs else float("nan")
             print(f"rep {rep} {g:14s} {dt:6.2f}s ctx {r['ctx']:6.0f} steps8 {len(steps8):3d} "
                   f"plain-step {1000*mean([s[2] for s in plain]):6.1f} ms  drafted-steps {len(drafted):3d} "
                   f"mean tokens {mean([s[1] for s in drafted]):5.1f} at {1000*mean([s[2] for s in drafted]):6.1f} ms  "
