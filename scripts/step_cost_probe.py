@@ -2,8 +2,8 @@
 
 One clasp engine runs Spec-Bench's six groups in waves of 8 (64 new tokens, greedy), as
 ``vllm-clasp bench --batch-size 8`` does, REPEATS times. Every step the governor observes is logged
-in the worker (sequences, verified tokens, seconds), and after each wave the fit it prices 8-row
-steps with (a, b, knee, c). Per wave it prints the mean time of 8-row steps without drafts and of
+in the worker (sequences, verified tokens, seconds, attention work), and after each wave the fit
+it prices 8-row steps with (a, b, knee, c, κ, context). Per wave it prints the mean time of 8-row steps without drafts and of
 those with drafts (and their verified tokens), so one sees what draft tokens really cost next to
 what the fit assumed. Written for the AMX host's Summarization dip at bs 8 (docs/results/README.md,
 bs8-amx). Run from the repository root with the project's venv:
@@ -26,11 +26,11 @@ def install(worker):
     g._diag = []
     orig = g.observe
 
-    def observe(committed, measurable, now=None, scheduled=None, rows=None):
+    def observe(committed, measurable, now=None, scheduled=None, rows=None, work=0.0):
         now = time.perf_counter() if now is None else now
         if g._last_end is not None:
-            g._diag.append((rows, scheduled, now - g._last_end, bool(measurable), committed))
-        return orig(committed, measurable, now, scheduled=scheduled, rows=rows)
+            g._diag.append((rows, scheduled, now - g._last_end, bool(measurable), committed, work))
+        return orig(committed, measurable, now, scheduled=scheduled, rows=rows, work=work)
 
     g.observe = observe
     return 1
@@ -42,7 +42,7 @@ def take(worker):
     sc = g.step_cost(8)
     a, b, k, c = sc.fit()
     d = worker.model_runner.drafter.stats
-    return {"log": log, "fit8": [a, b, k, c], "local8": 8 in g.by_rows and g.by_rows[8].varied,
+    return {"log": log, "fit8": [a, b, k, c, sc.kappa, sc.context], "local8": 8 in g.by_rows and g.by_rows[8].varied,
             "lookup_tokens": d.lookup_tokens, "lookup_accepted": d.lookup_accepted}
 
 
@@ -78,7 +78,8 @@ if __name__ == "__main__":
             print(f"rep {rep} {g:14s} {dt:6.2f}s ctx {r['ctx']:6.0f} steps8 {len(steps8):3d} "
                   f"plain-step {1000*mean([s[2] for s in plain]):6.1f} ms  drafted-steps {len(drafted):3d} "
                   f"mean tokens {mean([s[1] for s in drafted]):5.1f} at {1000*mean([s[2] for s in drafted]):6.1f} ms  "
-                  f"fit8 a={1000*r['fit8'][0]:.1f}ms b={1000*r['fit8'][1]:.2f}ms knee={r['fit8'][2]} c={1000*r['fit8'][3]:.1f}ms local={r['local8']}",
+                  f"fit8 a={1000*r['fit8'][0]:.1f}ms b={1000*r['fit8'][1]:.2f}ms knee={r['fit8'][2]} c={1000*r['fit8'][3]:.1f}ms "
+                  f"kappa={1000*r['fit8'][4]:.2f}ms/k ctx={r['fit8'][5]:.2f}k local={r['local8']}",
                   flush=True)
     path = sys.argv[2] if len(sys.argv) > 2 else "out/step_cost_probe.json"
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)

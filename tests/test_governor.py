@@ -306,17 +306,19 @@ def test_step_cost_tells_a_sequence_from_a_verified_token():
 
 def test_step_cost_moments_are_the_decayed_sums_however_often_they_are_fitted():
     rng = np.random.default_rng(3)
-    steps = [(float(rng.integers(1, 40)), float(rng.random() < 0.5), float(rng.integers(1, 16)), float(rng.random())) for _ in range(100)]
+    steps = [(float(rng.integers(1, 40)), float(rng.random() < 0.5), float(rng.integers(1, 16)), float(rng.random()),
+              float(rng.random())) for _ in range(100)]
     knees = np.asarray([0, 2, 4, 6, 8, 10, 12, 16, 20, 24, 32, 48, 64, 96, 128, 192, 256], dtype=float)
-    want = np.zeros((len(knees), 5, 5))
-    for t, z, r, y in steps:
-        v = np.stack([np.ones_like(knees), np.maximum(t - knees, 0), np.full_like(knees, z), np.full_like(knees, r), np.full_like(knees, y)], 1)
+    want = np.zeros((len(knees), 6, 6))
+    for t, z, r, wk, y in steps:
+        v = np.stack([np.ones_like(knees), np.maximum(t - knees, 0), np.full_like(knees, z), np.full_like(knees, r),
+                      np.full_like(knees, wk), np.full_like(knees, y)], 1)
         want = want * 0.99 + v[:, :, None] * v[:, None, :]
     every, once = StepCost(), StepCost()
-    for t, z, r, y in steps:
-        every.add(t, y, bool(z), r)
+    for t, z, r, wk, y in steps:
+        every.add(t, y, bool(z), r, wk)
         every.fit()
-        once.add(t, y, bool(z), r)
+        once.add(t, y, bool(z), r, wk)
     once.fit()
     np.testing.assert_allclose(every.m, want, rtol=1e-9)
     np.testing.assert_allclose(once.m, want, rtol=1e-9)
@@ -385,3 +387,49 @@ def test_probes_spend_in_proportion_to_the_time_where_layer_skip_could_pay():
     assert g._probe_s - p0 < 0.2 * g.probe_budget * (e.t - t0)
     back = Engine(acc=2.5).run(g, 1, 300)
     assert True in back[:40] and share(back[-100:]) > 0.95
+
+
+def _attention_bound_steps(g, rng, context, sizes, steps, t0):
+    """bs 8 on the AMX host, as measured (scripts/step_cost_probe.py): a step costs ~46 ms for
+    its weights, 1.5 ms per token past 12, and ~5.9 ms per verified token per 1000 tokens of
+    context. Each step verifies one of ``sizes`` tokens over 8 sequences of ``context`` tokens."""
+    t = t0
+    for _ in range(steps):
+        size = int(rng.choice(sizes))
+        work = size * context / 1000.0
+        t += (0.046 + 0.0015 * max(0, size - 12) + 0.0059 * work) * (1 + 0.02 * rng.standard_normal())
+        g.observe(8 + (size > 8), True, now=t, scheduled=size, rows=8, work=work)
+        g.finish(1 if size > 8 else 0, 0.0, 0.0, now=t)
+    return t
+
+
+def test_draft_tokens_over_long_contexts_are_not_free():
+    """Measured at bs 8 (AMX host): after Translation (short prompts, many drafted steps) the fit
+    put 18-token steps below its knee, and Summarization (~760-token prompts) verified 581
+    context-draft tokens, 18 % accepted, at ~3.4 ms each: 0.88x plain on that chunk. Each token
+    attends over its context; priced so, the long-context drafts are cut and the short ones kept."""
+    rng = np.random.default_rng(7)
+    g = Governor()
+    g.finish(0, 0.0, 0.0, now=0.0)
+    t = _attention_bound_steps(g, rng, 150, [8, 8, 12, 16, 20, 24], 400, 0.0)
+    t = _attention_bound_steps(g, rng, 760, [8], 120, t)
+    cost = g.step_cost(8)
+    assert abs(cost.kappa - 0.0059) < 0.0015 and abs(g.context - 0.76) < 1e-9
+    # a token below the knee, over 760 tokens, costs its attention (~4.5 ms), not nothing
+    assert cost.marginal(9) > 0.003
+    assert cost(18) - cost(8) > 0.03
+    weak = [np.cumprod(np.full(10, 0.45)) for _ in range(8)]  # ~18 % of the tokens accepted
+    assert sum(g.draft_lengths(weak, 8, 8, contexts=[0.76] * 8)) <= 8
+    assert sum(g.draft_lengths(weak, 8, 8, [True] * 8, False, contexts=[0.76] * 8)) == 0
+    # the same drafts over 100-token contexts cost ~0.6 ms a token: the surest are worth it
+    assert sum(g.draft_lengths(weak, 8, 8, contexts=[0.1] * 8)) >= 8
+
+
+def test_without_attention_work_the_fit_is_what_it_was():
+    """Steps reported without their attention work (work 0) fit exactly as before the term."""
+    rng = np.random.default_rng(0)
+    c = StepCost()
+    for _ in range(400):
+        t = int(rng.integers(8, 30))
+        c.add(t, (0.042 + 0.0019 * max(0, t - 12)) * (1 + 0.03 * rng.standard_normal()))
+    assert c.kappa == 0.0 and c.context == 0.0 and c.marginal(20) == c.coef()[1]

@@ -15,10 +15,11 @@ Every draft token is priced in the same unit, tokens of output:
   they still do not (the workload may change), never more than 0.5 % of the time, and not at all
   where even drafts that were all accepted could not pay (``SkipValue.could_pay``).
 
-Step cost: ``t(T) = a + ρ·rows + c·[drafts] + b·max(0, T − knee)`` for a step that verified
-``T`` tokens (``StepCost``), fitted per batch-size bucket over measured steps (those without a
-prefill). On this CPU a step
-costs the same up to ~8–12 tokens, then ~2 ms per token: at batch 1 drafts are free, at 16 every
+Step cost: ``t(T) = a + ρ·rows + κ·W + c·[drafts] + b·max(0, T − knee)`` for a step that
+verified ``T`` tokens with attention work ``W`` (``StepCost``), fitted per batch-size bucket over
+measured steps (those without a prefill). On this CPU the weights cost the same up to ~8–12
+tokens, then ~2 ms per token; attention costs ~6 µs per verified token per token of its context,
+so at ~760-token contexts a draft token costs ~4.5 ms even below the knee, and at 16 rows every
 draft token costs ~0.66 tokens of output. Context drafts are then chosen for the whole step at
 once (``best_draft_lengths``): the surest tokens first, as long as the step's tokens per second
 rise. With no request waiting, the batch ends with its slowest sequences: only drafts that move
@@ -44,46 +45,53 @@ _KNEES = np.asarray(KNEES, dtype=np.float64)
 
 @dataclass
 class StepCost:
-    """Step seconds against verified tokens ``T``: ``t = a + ρ·rows + c·[drafts] + b·max(0, T − knee)``.
+    """Step seconds against verified tokens ``T``:
+    ``t = a + ρ·rows + κ·W + c·[drafts] + b·max(0, T − knee)``.
 
     A forward over a few tokens costs what one token costs (the weights are read once either way),
     then each token adds about the same: on this CPU flat up to ~8–12 tokens, then ~2 ms per token
     for the default model. A step with any draft also pays ``c`` once (vLLM's rejection sampler
     and spec-decode bookkeeping, ~0.5–1.5 ms at batch 16 here). Each sequence in the step adds
-    ``ρ`` (its attention over its own context, its sampling): without that term the rows of a
-    shrinking batch pass for verified tokens and the knee is placed far too low. Decayed least
+    ``ρ`` (its sampling, its bookkeeping): without that term the rows of a shrinking batch pass
+    for verified tokens and the knee is placed far too low. Each verified token attends over its
+    sequence's context: ``W`` sums, over the step's tokens, their context in thousands of tokens,
+    and costs ``κ`` per unit. Without that term, same-size steps took 78 ms over short contexts and
+    110 ms over long ones (bs 8, AMX host), slope and knee swung with the mix of contexts, and
+    18-token steps at ~760-token contexts passed for free (they cost 3.4 ms per draft token). Decayed least
     squares for every candidate knee; the knee kept is the one that fits best among those whose
     slope the data shows (t-statistic > 2), the mildest slope among knees that fit about as well
     (two sizes seen cannot place a knee). With no slope shown within the sizes seen, verified
     tokens are free up to a quarter past the largest size seen lately and cost the prior slope
     beyond: drafts grow step by step until steps of a size that costs more are measured.
     One size seen so far: the prior shape (``prior_slope`` × a per token from the first).
-    ``fit(rows)`` gives ``a`` for that many sequences (the mean seen when not given).
+    ``fit(rows, work)`` gives ``a`` for that many sequences and that much attention work (the
+    means seen when not given); ``kappa`` is κ.
     """
 
     decay: float = 0.99
     prior_slope: float = 0.15
     """Slope relative to the intercept while the data cannot tell (all steps one size)."""
-    _m: np.ndarray = field(default_factory=lambda: np.zeros((len(KNEES), 5, 5)))
+    _m: np.ndarray = field(default_factory=lambda: np.zeros((len(KNEES), 6, 6)))
     refit_every: int = 32
     """Steps between two fits once 32 are in (a fit is ~0.4 ms of Python; the sums decay by 1 %
     a step, so they move little in 32)."""
     w: float = 0.0
     st: float = 0.0
     stt: float = 0.0
-    _fit: tuple[float, float, int, float, float, float] | None = None
+    _fit: tuple[float, float, int, float, float, float, float, float] | None = None
     _since_fit: int = 0
-    _pending: list[tuple[float, float, float, float]] = field(default_factory=list)
+    _pending: list[tuple[float, float, float, float, float]] = field(default_factory=list)
     _recent: collections.deque = field(default_factory=lambda: collections.deque(maxlen=128))
     """Verified tokens of the last steps (the sizes a flat fit has actually seen)."""
 
-    def add(self, tokens: float, seconds: float, drafted: bool | None = None, rows: float = 0.0) -> None:
+    def add(self, tokens: float, seconds: float, drafted: bool | None = None, rows: float = 0.0,
+            work: float = 0.0) -> None:
         d = self.decay
         self.w = self.w * d + 1.0
         self.st = self.st * d + tokens
         self.stt = self.stt * d + tokens * tokens
         # Folded into the moments when a fit needs them (every step costs ~2 µs, not ~60).
-        self._pending.append((tokens, 0.0 if drafted is None else float(drafted), rows, seconds))
+        self._pending.append((tokens, 0.0 if drafted is None else float(drafted), rows, work, seconds))
         self._recent.append(tokens)
         self._since_fit += 1
         if self.w < 32 or self._since_fit >= self.refit_every:
@@ -91,7 +99,7 @@ class StepCost:
 
     @property
     def m(self) -> np.ndarray:
-        """Per knee, decayed sums of v·vᵀ with v = (1, max(0, T − knee), [drafts], rows, seconds)."""
+        """Per knee, decayed sums of v·vᵀ with v = (1, max(0, T − knee), [drafts], rows, W, seconds)."""
         self._fold()
         return self._m
 
@@ -100,14 +108,12 @@ class StepCost:
         p = len(self._pending)
         if not p:
             return
-        x = np.asarray(self._pending, dtype=np.float64)  # [p, (T, z, rows, y)]
+        x = np.asarray(self._pending, dtype=np.float64)  # [p, (T, z, rows, W, y)]
         self._pending.clear()
-        v = np.empty((p, len(KNEES), 5))
+        v = np.empty((p, len(KNEES), 6))
         v[:, :, 0] = 1.0
         v[:, :, 1] = np.maximum(x[:, :1] - _KNEES, 0.0)
-        v[:, :, 2] = x[:, 1:2]
-        v[:, :, 3] = x[:, 2:3]
-        v[:, :, 4] = x[:, 3:4]
+        v[:, :, 2:] = x[:, None, 1:]
         weight = self.decay ** np.arange(p - 1, -1, -1, dtype=np.float64)
         self._m *= self.decay**p
         self._m += np.einsum("p,pki,pkj->kij", weight, v, v)
@@ -130,7 +136,7 @@ class StepCost:
         """``c``: seconds a step pays once for having any draft."""
         return self.fit()[3]
 
-    def _fitted(self) -> tuple[float, float, int, float, float, float]:
+    def _fitted(self) -> tuple[float, float, int, float, float, float, float, float]:
         if self._fit is None:
             self._fit, self._since_fit = self._solve(), 0
         return self._fit
@@ -140,72 +146,102 @@ class StepCost:
         """``ρ``: seconds each sequence adds to a step."""
         return self._fitted()[4]
 
-    def fit(self, rows: float | None = None) -> tuple[float, float, int, float]:
-        """(a, b, knee, c), ``a`` for ``rows`` sequences."""
-        a, b, k, c, rho, mean_rows = self._fitted()
-        return a + rho * (mean_rows if rows is None else rows), b, k, c
+    @property
+    def kappa(self) -> float:
+        """``κ``: seconds per unit of attention work (a verified token over 1000 tokens of context)."""
+        return self._fitted()[5]
 
-    def at(self, rows: float) -> "StepCostAt":
-        return StepCostAt(self, rows)
+    @property
+    def context(self) -> float:
+        """Mean context per verified token seen, in thousands of tokens (``W / T``)."""
+        return self._fitted()[7] / max(self.st / self.w, 1e-9) if self.w > 0 else 0.0
 
-    def _solve(self) -> tuple[float, float, int, float, float, float]:
-        """(a at 0 rows, b, knee, c, ρ, mean rows)."""
+    def fit(self, rows: float | None = None, work: float | None = None) -> tuple[float, float, int, float]:
+        """(a, b, knee, c), ``a`` for ``rows`` sequences and attention work ``work``."""
+        a, b, k, c, rho, kappa, mean_rows, mean_work = self._fitted()
+        return a + rho * (mean_rows if rows is None else rows) + kappa * (mean_work if work is None else work), b, k, c
+
+    def at(self, rows: float, context: float | None = None) -> "StepCostAt":
+        return StepCostAt(self, rows, self.context if context is None else context)
+
+    def _solve(self) -> tuple[float, float, int, float, float, float, float, float]:
+        """(a at 0 rows and no work, b, knee, c, ρ, κ, mean rows, mean work)."""
         if self.w <= 0:
-            return 1.0, self.prior_slope, 0, 0.0, 0.0, 0.0
+            return 1.0, self.prior_slope, 0, 0.0, 0.0, 0.0, 0.0, 0.0
         w, m = self.w, self.m
         mean_all = m[0, 0] / w  # E[v]
-        mt, my, mr = self.st / w, mean_all[4], mean_all[3]
+        mt, my, mr, mw = self.st / w, mean_all[5], mean_all[3], mean_all[4]
         if not self.varied:
             a = my / (1.0 + self.prior_slope * mt)
-            return a, self.prior_slope * a, 0, 0.0, 0.0, mr
+            return a, self.prior_slope * a, 0, 0.0, 0.0, 0.0, mr, 0.0
         use_z = 0.02 < mean_all[2] < 0.98  # steps with and without drafts both seen: c can be told
-        vy = max(m[0, 4, 4] / w - my * my, 0.0)
-        fits: list[tuple[float, float, float, int, float, float]] = []  # (res. variance, a0, b, knee, c, ρ)
+        vy = max(m[0, 5, 5] / w - my * my, 0.0)
+        cov0 = m[0, 1:, 1:] / w - np.outer(mean_all[1:], mean_all[1:])  # over (x, z, rows, W, y)
+        use_w = cov0[3, 3] > 1e-4  # contexts (or sizes) varied enough to tell attention's cost
+        fits: list[tuple[float, float, float, int, float, float, float]] = []  # (res. var., a0, b, knee, c, ρ, κ)
         for i, k in enumerate(KNEES):
             E = m[i, 0] / w
-            cov = m[i, 1:, 1:] / w - np.outer(E[1:], E[1:])  # over (x, z, rows, y)
+            cov = m[i, 1:, 1:] / w - np.outer(E[1:], E[1:])
             if cov[0, 0] <= 0.25:
                 continue  # (almost) every step at or below this knee: it says nothing
             # With the per-sequence term first; if the slope then shows nothing, without it: in a
             # shrinking batch with few drafts, tokens and sequences rise together and a token
             # costs what a sequence does (at batch 16 here ~1.5 ms), not nothing.
             for with_rows in ((True, False) if cov[2, 2] > 0.25 else (False,)):
-                got = _knee_fit(cov, vy, w, [0] + ([1] if use_z else []) + ([2] if with_rows else []))
+                active = [0] + ([1] if use_z else []) + ([3] if use_w else []) + ([2] if with_rows else [])
+                got = _knee_fit(cov, vy, w, active)
                 if got is not None:
-                    res, b, c, rho = got
-                    fits.append((res, my - b * E[1] - c * E[2] - rho * E[3], b, k, c, rho))
+                    res, b, c, rho, kappa = got
+                    fits.append((res, my - b * E[1] - c * E[2] - rho * E[3] - kappa * E[4], b, k, c, rho, kappa))
                     break
         if not fits:
-            # Steps of every size seen took as long: free up to a quarter past the largest size
-            # seen lately, then the prior slope, so drafts grow step by step until sizes that
-            # cost more are measured. (Free without limit, one batch-16 step seen only 15–17
-            # tokens and then verified 120, at 4x a step's time.)
+            # Steps of every size seen took as long, but for their attention: free up to a quarter
+            # past the largest size seen lately (then the prior slope), so drafts grow step by step
+            # until sizes that cost more are measured. (Free without limit, one batch-16 step seen
+            # only 15–17 tokens and then verified 120, at 4x a step's time.) Attention is priced
+            # all the same where the data shows it.
             knee = int(np.ceil(1.25 * max(self._recent, default=mt)))
-            return my, self.prior_slope * my, knee, 0.0, 0.0, mr
+            kappa = _work_slope(cov0, w) if use_w else 0.0
+            a0 = my - kappa * mw
+            return a0, self.prior_slope * my, knee, 0.0, 0.0, kappa, mr, mw
         # Knees the data cannot tell apart (few sizes seen) fit about as well: take the mildest.
         least = min(f[0] for f in fits)
-        _, a0, b, k, c, rho = min((f for f in fits if f[0] <= 1.05 * least + 1e-15), key=lambda f: f[2])
-        return a0, b, k, c, rho, mr
+        _, a0, b, k, c, rho, kappa = min((f for f in fits if f[0] <= 1.05 * least + 1e-15), key=lambda f: f[2])
+        return a0, b, k, c, rho, kappa, mr, mw
 
-    def __call__(self, tokens: float, drafted: bool = False, rows: float | None = None) -> float:
-        a, b, k, c = self.fit(rows)
+    def __call__(self, tokens: float, drafted: bool = False, rows: float | None = None,
+                 work: float | None = None) -> float:
+        a, b, k, c = self.fit(rows, work)
         return a + b * max(0.0, tokens - k) + (c if drafted else 0.0)
 
-    def marginal(self, tokens: float) -> float:
-        """Seconds one more verified token adds to a step of ``tokens`` tokens."""
+    def marginal(self, tokens: float, context: float | None = None) -> float:
+        """Seconds one more verified token (over ``context`` thousand tokens) adds to a step of
+        ``tokens`` tokens."""
         a, b, k, c = self.fit()
-        return b if tokens + 1 > k else 0.0
+        ctx = self.context if context is None else context
+        return (b if tokens + 1 > k else 0.0) + self.kappa * ctx
 
 
 
-def _knee_fit(cov: np.ndarray, vy: float, w: float, active: list[int]) -> tuple[float, float, float, float] | None:
-    """Least squares of seconds on the ``active`` terms of (x, z, rows) given their covariance
-    (over x, z, rows, y): (residual variance, b, c, ρ), or None where the slope b does not show
-    (t-statistic ≤ 2 over an effective ``w`` steps). Terms the data cannot tell apart from x
+def _work_slope(cov: np.ndarray, w: float) -> float:
+    """κ from seconds on attention work alone (covariance over x, z, rows, W, y), 0 unless it
+    shows (positive, t-statistic > 2)."""
+    vw, r, vy = cov[3, 3], cov[3, 4], cov[4, 4]
+    if vw <= 0 or r <= 0:
+        return 0.0
+    k = r / vw
+    res = max(vy - k * r, 0.0)
+    return k if k * k * vw * max(w - 3.0, 1.0) > 4.0 * res else 0.0
+
+
+def _knee_fit(cov: np.ndarray, vy: float, w: float, active: list[int]) -> tuple[float, float, float, float, float] | None:
+    """Least squares of seconds on the ``active`` terms of (x, z, rows, W) given their covariance
+    (over x, z, rows, W, y): (residual variance, b, c, ρ, κ), or None where the slope b does not
+    show (t-statistic ≤ 2 over an effective ``w`` steps). Terms the data cannot tell apart from x
     (e.g. every drafted step the same size: z and x collinear), or that come out negative
-    (noise), are dropped."""
+    (noise), are dropped, and so is W where its own t-statistic is ≤ 2."""
     while True:
-        C, r = cov[np.ix_(active, active)], cov[active, 3]
+        C, r = cov[np.ix_(active, active)], cov[active, 4]
         try:
             inv = np.linalg.inv(C)
         except np.linalg.LinAlgError:
@@ -213,6 +249,11 @@ def _knee_fit(cov: np.ndarray, vy: float, w: float, active: list[int]) -> tuple[
         told = inv is not None and inv[0, 0] > 0 and 1.0 / inv[0, 0] > 0.25
         beta = inv @ r if told else None
         bad = [] if beta is None else [j for j, v in zip(active[1:], beta[1:]) if v < 0]
+        if beta is not None and not bad and 3 in active:
+            # attention's cost only where the data shows it (t-statistic > 2), as for b
+            j = active.index(3)
+            if beta[j] ** 2 / inv[j, j] * max(w - 4.0, 1.0) <= 4.0 * max(vy - float(beta @ r), 0.0):
+                bad = [3]
         if beta is not None and not bad:
             break
         if len(active) == 1:
@@ -224,36 +265,55 @@ def _knee_fit(cov: np.ndarray, vy: float, w: float, active: list[int]) -> tuple[
     if b <= 0 or b * b * vb * max(w - 4.0, 1.0) <= 4.0 * res:
         return None
     coef = dict(zip(active, beta))
-    return res, b, float(coef.get(1, 0.0)), float(coef.get(2, 0.0))
+    return res, b, float(coef.get(1, 0.0)), float(coef.get(2, 0.0)), float(coef.get(3, 0.0))
 
 
 @dataclass
 class StepCostAt:
-    """A ``StepCost`` read at a number of sequences."""
+    """A ``StepCost`` read at a number of sequences whose verified tokens attend over ``context``
+    thousand tokens each (the last step's mean)."""
 
     cost: StepCost
     rows: float
+    context: float = 0.0
+
+    @property
+    def kappa(self) -> float:
+        return self.cost.kappa
 
     def fit(self) -> tuple[float, float, int, float]:
-        return self.cost.fit(self.rows)
+        """(a, b, knee, c), ``a`` with one token per sequence."""
+        return self.cost.fit(self.rows, self.rows * self.context)
 
     def coef(self) -> tuple[float, float, int]:
         return self.fit()[:3]
 
     def __call__(self, tokens: float, drafted: bool = False) -> float:
-        return self.cost(tokens, drafted, self.rows)
+        return self.cost(tokens, drafted, self.rows, tokens * self.context)
 
     def marginal(self, tokens: float) -> float:
-        return self.cost.marginal(tokens)
+        return self.cost.marginal(tokens, self.context)
 
 
-def best_draft_lengths(chances: list[np.ndarray], base_tokens: int, base_committed: float, cost: StepCost) -> list[int]:
+def _token_seconds(cost: StepCost | StepCostAt, contexts: list[float] | None, sizes: list[int]) -> np.ndarray:
+    """Attention seconds of each draft token (by draft), ``κ`` times its sequence's context."""
+    kappa = cost.kappa
+    if kappa <= 0:
+        return np.zeros(sum(sizes))
+    ctx = [cost.context] * len(sizes) if contexts is None else contexts
+    return np.repeat(kappa * np.asarray(ctx, dtype=np.float64), sizes)
+
+
+def best_draft_lengths(chances: list[np.ndarray], base_tokens: int, base_committed: float,
+                       cost: StepCost | StepCostAt, contexts: list[float] | None = None) -> list[int]:
     """How many tokens of each draft to verify so that the step makes the most tokens per second.
 
     ``chances[r][j]``: the chance that tokens 0..j of draft r are all accepted (non-increasing in
     j). A step that verifies ``base_tokens`` plus the chosen draft tokens commits ``base_committed``
-    plus the sum of their chances, and takes ``cost(T)``. Marginal costs only grow with T and the
-    chances of one draft only fall, so the best set is a prefix of all draft tokens by chance.
+    plus the sum of their chances, and takes ``cost(T)`` plus each token's attention over its
+    sequence's context (``contexts[r]``, thousands of tokens). Marginal costs only grow with T
+    and the chances of one draft only fall, so (contexts aside) the best set is a prefix of all
+    draft tokens by chance.
     """
     sizes = [int(c.size) for c in chances]
     total = sum(sizes)
@@ -264,7 +324,8 @@ def best_draft_lengths(chances: list[np.ndarray], base_tokens: int, base_committ
     order = np.argsort(-p, kind="stable")  # ties keep each draft's own order
     gain = base_committed + np.concatenate(([0.0], np.cumsum(p[order])))
     a, b, k, c = cost.fit()
-    t = a + b * np.maximum(0.0, base_tokens + np.arange(total + 1) - k) + c
+    attn = np.concatenate(([0.0], np.cumsum(_token_seconds(cost, contexts, sizes)[order])))
+    t = a + b * np.maximum(0.0, base_tokens + np.arange(total + 1) - k) + c + attn
     t[0] -= c  # no draft at all: no spec-decode step
     n = int(np.argmax(gain / np.maximum(t, 1e-12)))
     return np.bincount(row[order[:n]], minlength=len(chances)).tolist()
@@ -285,17 +346,21 @@ def critical_rows(remaining: list[int], waiting: int | None, slack: int = 2) -> 
 
 
 def wave_draft_lengths(chances: list[np.ndarray], critical: list[bool], blocked: bool, base_tokens: int,
-                       cost: StepCost) -> list[int]:
+                       cost: StepCost | StepCostAt, contexts: list[float] | None = None) -> list[int]:
     """Draft lengths when no request waits: the batch ends with its slowest sequences.
 
     The critical sequences move the end only together: a step brings it ``1 + min(accepted)``
     closer, and ``P(min ≥ j) = Π_r chances[r][j-1]``. So they get one common depth, the one
     with the most expected progress per second; none if a critical sequence has nothing to draft
-    (``blocked``). The others only get tokens that cost nothing (below the step-cost knee), and
-    only in a step that drafts anyway or where drafting costs nothing once.
+    (``blocked``). The others only get tokens below the step-cost knee, only in a step that
+    drafts anyway or where drafting costs nothing once, and only where a token's attention costs
+    less than what it saves if accepted: that sequence ends a step sooner, and the batch's last
+    steps are a sequence (``ρ``) and its attention lighter.
     """
     a, b, k, c = cost.fit()
     sizes = [int(x.size) for x in chances]
+    attn = _token_seconds(cost, contexts, sizes)
+    starts = np.concatenate(([0], np.cumsum(sizes)))
     out = [0] * len(chances)
     crit = [r for r, f in enumerate(critical) if f and sizes[r] > 0]
     depth = 0
@@ -304,7 +369,8 @@ def wave_draft_lengths(chances: list[np.ndarray], critical: list[bool], blocked:
         ahead = np.prod(np.stack([chances[r][:reach] for r in crit]), axis=0)
         gain = 1.0 + np.concatenate(([0.0], np.cumsum(ahead)))
         js = np.arange(reach + 1)
-        t = a + b * np.maximum(0.0, base_tokens + len(crit) * js - k) + c * (js > 0)
+        per_depth = sum(float(attn[starts[r]]) for r in crit)
+        t = a + b * np.maximum(0.0, base_tokens + len(crit) * js - k) + c * (js > 0) + per_depth * js
         depth = int(np.argmax(gain / np.maximum(t, 1e-12)))
         for r in crit:
             out[r] = depth
@@ -316,8 +382,11 @@ def wave_draft_lengths(chances: list[np.ndarray], critical: list[bool], blocked:
         return out
     others = [r for r, f in enumerate(critical) if not f and sizes[r] > 0]
     p = np.concatenate([chances[r] for r in others])
+    e = np.concatenate([attn[starts[r]:starts[r + 1]] for r in others])
     row = np.repeat(np.asarray(others), [sizes[r] for r in others])
-    order = np.argsort(-p, kind="stable")[:room]
+    rho = cost.cost.per_row if isinstance(cost, StepCostAt) else cost.per_row
+    worth = p * (rho + e) >= e  # true for every token where attention costs nothing
+    order = [j for j in np.argsort(-p, kind="stable") if worth[j]][:room]
     for r, n in zip(*np.unique(row[order], return_counts=True)):
         out[int(r)] = int(n)
     return out
@@ -443,11 +512,15 @@ class Governor:
     """Decayed seconds of recent steps by rows bucket."""
     _payable: float = 1.0
     _payable_at: int = 0
+    context: float = 0.0
+    """Mean context of the last measured step's verified tokens, thousands of tokens: the next
+    step's attention is priced at it."""
 
     # -- measuring ------------------------------------------------------------------------
     def observe(self, committed: int, measurable: bool, now: float | None = None,
-                scheduled: int | None = None, rows: int | None = None) -> None:
-        """Account the step that just finished: tokens committed, tokens it verified."""
+                scheduled: int | None = None, rows: int | None = None, work: float = 0.0) -> None:
+        """Account the step that just finished: tokens committed, tokens it verified, and their
+        attention ``work`` (verified tokens times their context, thousands of tokens)."""
         now = time.perf_counter() if now is None else now
         if self._last_end is None:
             return
@@ -470,8 +543,9 @@ class Governor:
         self._typical_s = seconds if self._typical_s <= 0 else 0.9 * self._typical_s + 0.1 * seconds
         scheduled = rows if scheduled is None else scheduled
         drafted = scheduled > rows
-        self.verify.add(scheduled, seconds, drafted, rows)
-        self.by_rows.setdefault(rows_bucket(rows), StepCost()).add(scheduled, seconds, drafted, rows)
+        self.context = work / max(scheduled, 1)
+        self.verify.add(scheduled, seconds, drafted, rows, work)
+        self.by_rows.setdefault(rows_bucket(rows), StepCost()).add(scheduled, seconds, drafted, rows, work)
         self.recent.add(rows, committed, max(scheduled - rows, 0))
 
     def _stalled(self, seconds: float) -> bool:
@@ -486,7 +560,7 @@ class Governor:
     # -- pricing --------------------------------------------------------------------------
     def step_cost(self, rows: int) -> StepCostAt:
         local = self.by_rows.get(rows_bucket(rows))
-        return (local if local is not None and local.varied else self.verify).at(rows)
+        return (local if local is not None and local.varied else self.verify).at(rows, self.context)
 
     def rate(self, rows: int) -> float:
         """Tokens per second the engine makes now at ``rows`` sequences."""
@@ -501,14 +575,16 @@ class Governor:
 
     # -- deciding -------------------------------------------------------------------------
     def draft_lengths(self, chances: list[np.ndarray], base_tokens: int, rows: int,
-                      critical: list[bool] | None = None, blocked: bool = False) -> list[int]:
+                      critical: list[bool] | None = None, blocked: bool = False,
+                      contexts: list[float] | None = None) -> list[int]:
         """Tokens of each draft worth verifying this step (all of them with the governor off):
-        for throughput while requests wait (``critical`` None), else for the batch's end."""
+        for throughput while requests wait (``critical`` None), else for the batch's end.
+        ``contexts``: each draft's sequence length, thousands of tokens."""
         if not self.enabled:
             return [int(c.size) for c in chances]
         if critical is None:
-            return best_draft_lengths(chances, base_tokens, rows, self.step_cost(rows))
-        return wave_draft_lengths(chances, critical, blocked, base_tokens, self.step_cost(rows))
+            return best_draft_lengths(chances, base_tokens, rows, self.step_cost(rows), contexts)
+        return wave_draft_lengths(chances, critical, blocked, base_tokens, self.step_cost(rows), contexts)
 
     def free_tokens(self, rows: int, tokens: int) -> float:
         """Draft tokens a step of ``tokens`` verified tokens could add at no cost: below the

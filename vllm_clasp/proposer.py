@@ -225,6 +225,7 @@ class ClaspProposer:
         last_idx: dict[int, int] = {}
         due: list[tuple[int, int]] = []
         committed, measurable = 0, True
+        work = 0.0  # verified tokens times their context: the step's attention (governor.StepCost)
         skip_rows_v = skip_drafted_v = skip_accepted_v = 0
         sampling = _SamplingRows.from_runner(runner, req_ids, num_tokens, self.k, self.cfg.sampled_drafts)
         for i, rid in enumerate(req_ids):
@@ -234,6 +235,7 @@ class ClaspProposer:
             num_draft = len(spec_tokens.get(rid, ()))
             n_sched = int(qsl[i + 1] - qsl[i])
             committed += len(sampled_token_ids[i])
+            work += n_sched * float(num_tokens[i])
             if n_sched - num_draft > 1:
                 measurable = False  # a prefill finished in this step
             last_idx[i] = int(qsl[i]) + (n_sched - 1 - num_draft) + (len(sampled_token_ids[i]) - 1)
@@ -256,7 +258,8 @@ class ClaspProposer:
                 due.append((why, i))
             active.append(i)
         self.stats.rounds += len(active)
-        self.governor.observe(committed, measurable, now, scheduled=int(qsl[n] - qsl[0]), rows=len(active))
+        self.governor.observe(committed, measurable, now, scheduled=int(qsl[n] - qsl[0]), rows=len(active),
+                              work=work / 1000.0)
         self.governor.observe_skip(skip_rows_v, skip_drafted_v, skip_accepted_v)
         if not active:
             return drafts
@@ -303,11 +306,13 @@ class ClaspProposer:
                     for i in free
                 ]
                 base = len(active) + sum(int(found[i][0].size) for i in found if i in pinned)
+                contexts = [float(num_tokens[i]) / 1000.0 for i in free]
                 if crit is None:
-                    lengths = self.governor.draft_lengths(chances, base, len(active))
+                    lengths = self.governor.draft_lengths(chances, base, len(active), contexts=contexts)
                 else:
                     blocked = any(crit[i] and i not in found for i in active)
-                    lengths = self.governor.draft_lengths(chances, base, len(active), [crit[i] for i in free], blocked)
+                    lengths = self.governor.draft_lengths(chances, base, len(active), [crit[i] for i in free], blocked,
+                                                          contexts=contexts)
                 for i, c, m in zip(free, chances, lengths):
                     if crit is None and m < c.size and acc.explore():
                         m += 1  # keeps the cut cells measured
