@@ -258,6 +258,9 @@ def test_wave_drafts_move_the_slowest_sequences_together_or_not_at_all():
     for t in (1, 2, 3, 4, 5, 6) * 20:
         flat.add(t, 0.033)
     assert wave_draft_lengths([weak, sure], [True, False], True, 2, flat) == [0, 6]
+    # blocked, the critical sequences that have drafts are worth at least what the others are
+    got = wave_draft_lengths([sure, sure, np.zeros(0)], [True, True, True], True, 3, flat)
+    assert got[0] > 0 and got[1] > 0 and sum(got) == 8 - 3 and got[2] == 0
 
 
 def test_may_use_skip_foretells_every_layer_skip_step_and_is_mostly_no_when_skip_loses():
@@ -423,6 +426,7 @@ def test_draft_tokens_over_long_contexts_are_not_free():
     assert sum(g.draft_lengths(weak, 8, 8, [True] * 8, False, contexts=[0.76] * 8)) == 0
     # the same drafts over 100-token contexts cost ~0.6 ms a token: the surest are worth it
     assert sum(g.draft_lengths(weak, 8, 8, contexts=[0.1] * 8)) >= 8
+    assert g.room_below_knee(8, 8) == cost.coef()[2] - 8 > 0 and Governor(enabled=False).room_below_knee(8, 8) > 1e9
 
 
 def test_without_attention_work_the_fit_is_what_it_was():

@@ -292,9 +292,10 @@ class ClaspProposer:
                 d, ng = lookup_match(batch.token_ids_cpu[i, :n_i], self.cfg.lookup_min, self.cfg.lookup_max, k, LONG_MATCHES)
                 if d.size:
                     found[i] = (d, ng)
-                elif crit is not None and crit[i] and not self.governor.free_tokens(len(active), len(active)):
-                    # The batch's end cannot move this step and no token is free: every other
-                    # draft would be cut to nothing (wave_draft_lengths), so none is looked up.
+                elif crit is not None and crit[i] and not self.governor.room_below_knee(len(active), len(active)):
+                    # The batch's end cannot move this step and no token fits below the knee:
+                    # every other draft would be cut to nothing (wave_draft_lengths), so none is
+                    # looked up.
                     rest_moot = True
             if rest_moot:
                 found = {i: f for i, f in found.items() if i in pinned}
