@@ -222,7 +222,6 @@ class StepCost:
         return (b if tokens + 1 > k else 0.0) + self.kappa * ctx
 
 
-
 def _work_slope(cov: np.ndarray, w: float) -> float:
     """κ from seconds on attention work alone (covariance over x, z, rows, W, y), 0 unless it
     shows (positive, t-statistic > 2)."""
@@ -280,6 +279,10 @@ class StepCostAt:
     @property
     def kappa(self) -> float:
         return self.cost.kappa
+
+    @property
+    def per_row(self) -> float:
+        return self.cost.per_row
 
     def fit(self) -> tuple[float, float, int, float]:
         """(a, b, knee, c), ``a`` with one token per sequence."""
@@ -356,9 +359,9 @@ def wave_draft_lengths(chances: list[np.ndarray], critical: list[bool], blocked:
     tokens below the step-cost knee, and only where a token's attention costs less than what it
     saves if accepted: that sequence ends a step sooner, and the batch's last steps are a sequence
     (``ρ``) and its attention lighter; in a step that would not draft otherwise, only if what
-    they save covers the once-per-step cost of drafting. (Measured at bs 8 on Translation, whose outputs end at EOS long before
-    ``max_tokens``: the critical set was the whole batch, one sequence without a draft blocked
-    it, and nothing was drafted, τ 1.04 against ngram's 1.55.)
+    they save covers the once-per-step cost of drafting. (Measured at bs 8 on Translation, whose
+    outputs end at EOS long before ``max_tokens``: the critical set was the whole batch, one
+    sequence without a draft blocked it, and nothing was drafted, τ 1.04 against ngram's 1.55.)
     """
     a, b, k, c = cost.fit()
     sizes = [int(x.size) for x in chances]
@@ -387,8 +390,7 @@ def wave_draft_lengths(chances: list[np.ndarray], critical: list[bool], blocked:
     p = np.concatenate([chances[r] for r in others])
     e = np.concatenate([attn[starts[r]:starts[r + 1]] for r in others])
     row = np.repeat(np.asarray(others), [sizes[r] for r in others])
-    rho = cost.cost.per_row if isinstance(cost, StepCostAt) else cost.per_row
-    net = p * (rho + e) - e  # seconds a token saves, net of its attention (p·ρ where that is free)
+    net = p * (cost.per_row + e) - e  # seconds a token saves, net of its attention (p·ρ where that is free)
     order = [j for j in np.argsort(-p, kind="stable") if net[j] >= 0][:room]
     if depth == 0 and c > 0 and float(net[order].sum()) < c:
         return out  # the step would pay the once-per-step cost of drafting for them alone
