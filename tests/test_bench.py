@@ -125,6 +125,8 @@ def test_bench_command_end_to_end_on_the_tiny_model(tiny_model, tmp_path):
     res = json.loads((out / "results.json").read_text())
     assert set(res["table"]) == {"plain", "plain-2", "ngram", "clasp"} and res["repeats"] == 2
     assert res["table"]["plain-2"]["Overall"]["identical"] == 1.0  # the control: a second plain engine
+    assert res["untimed_first_engine"]  # on CPU the first engine made (the slow one) is not timed
+    assert "an untimed engine made first" in (out / "results.md").read_text()
     assert "noise floor" in (out / "results.md").read_text()
     overall = res["table"]["clasp"]["Overall"]
     assert overall["identical"] == 1.0 and overall["vllm_draft_tokens"] > 0
