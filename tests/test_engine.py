@@ -84,3 +84,30 @@ def test_greedy_identical_with_torch_compile(tiny_model, default_model):
     for name, *_ in passes:
         assert plain[name] == clasp[name], name
     assert m["draft_tokens"] >= 2.5 * m["drafts"] > 0, m
+
+
+def test_disable_by_batch_size_drafts_only_in_smaller_steps(tiny_model, default_model):
+    """vLLM 0.32 dropped its own ``disable_by_batch_size``; clasp keeps its meaning. Four copies of
+    one short prompt, limit 3: they draft only in the few steps before all four reach the engine
+    core (requests arrive one by one) or after the first ones finish, so over 96 tokens the four
+    together draft far less than one request alone (without the limit: about four times as much).
+    Counted by the drafter itself (read synchronously): vLLM's counters reach its loggers late."""
+    from vllm import SamplingParams
+
+    prompt = chat_token_ids(default_model, [load_spec_bench(categories=["coding"], per_category=1)[0].text])[0][:24]
+    spec = {"method": "clasp", "skip_layers": 2, "draft_exit_threshold": 0.0, "num_speculative_tokens": 3,
+            "adaptive": False, "lookup_max": 0, "disable_by_batch_size": 3}
+    llm = _engine(tiny_model, spec, enable_prefix_caching=False)
+    try:
+        sampling = SamplingParams(temperature=0.0, max_tokens=96, ignore_eos=True)
+        drafted = lambda: llm.collective_rpc("clasp_stats")[0]["draft_tokens"]  # noqa: E731
+        d0 = drafted()
+        alone = generate_chunked(llm, [prompt], 1, sampling)
+        d1 = drafted()
+        four = generate_chunked(llm, [prompt] * 4, 4, sampling)
+        d2 = drafted()
+    finally:
+        shutdown(llm)
+    assert d1 - d0 > 60, f"one request alone drafted only {d1 - d0} tokens"
+    assert d2 - d1 < (d1 - d0) / 2, f"{d2 - d1} tokens drafted by 4 requests with disable_by_batch_size 3"
+    assert four == [alone[0]] * 4

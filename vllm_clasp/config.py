@@ -33,7 +33,7 @@ SUPPORTED_ARCHITECTURES = (
 # SpeculativeConfig keys that keep their vLLM meaning with clasp. Everything else that vLLM's
 # SpeculativeConfig knows (a draft model, its parallelism, quantization, ...) has no meaning for
 # a self-speculative method and is refused rather than silently ignored.
-PASSTHROUGH_KEYS = ("method", "num_speculative_tokens", "disable_by_batch_size", "max_model_len")
+PASSTHROUGH_KEYS = ("method", "num_speculative_tokens", "max_model_len")
 
 
 class ClaspConfigError(ValueError):
@@ -71,6 +71,9 @@ class ClaspConfig:
     sampler (False: argmax drafts treated as point masses; exact too, accepts less)."""
     adaptive: bool = True
     """Measure decoding speed with and without drafts online; draft only while it pays."""
+    disable_by_batch_size: int | None = None
+    """No drafts while more requests than this share a step. vLLM 0.32 dropped its own key of
+    this name (earlier versions had it), so clasp keeps its meaning itself."""
     self_check: bool = False
     """Debug: after each plan, check the scratch-KV layer runner against the captured states."""
 
@@ -89,6 +92,7 @@ class ClaspConfig:
         "draft_vocab": "int >= 0: draft head vocabulary (lowest ids + context tokens; 0 = full)",
         "sampled_drafts": "bool: sampled requests draft from q and pass q to the rejection sampler",
         "adaptive": "bool: turn drafting off while measured plain decoding is faster",
+        "disable_by_batch_size": "int >= 1: no drafts while more requests than this share a step",
         "self_check": "bool: verify the planner's layer runner against captured states (debug)",
     }
 
@@ -192,6 +196,11 @@ def parse_clasp_config(raw: dict[str, Any]) -> tuple[ClaspConfig, dict[str, Any]
         if not _is_int(m) or m < 1:
             raise _err("min_draft_layers", docs["min_draft_layers"], m)
         kw["min_draft_layers"] = m
+    b = raw.get("disable_by_batch_size")
+    if b is not None:
+        if not _is_int(b) or b < 1:
+            raise _err("disable_by_batch_size", docs["disable_by_batch_size"], b)
+        kw["disable_by_batch_size"] = b
     v = raw.get("draft_vocab")
     if v is not None:
         if not _is_int(v) or v < 0:

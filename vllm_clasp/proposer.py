@@ -263,6 +263,11 @@ class ClaspProposer:
         self.governor.observe_skip(skip_rows_v, skip_drafted_v, skip_accepted_v)
         if not active:
             return drafts
+        cap = self.cfg.disable_by_batch_size
+        if cap is not None and n > cap:
+            end = time.perf_counter()
+            self.governor.finish(PLAIN, 0.0, end - now, end)
+            return drafts
         # Seeded sampled requests always draft in full and are planned as soon as due: their
         # random stream depends on how many drafts they get, so that must not depend on timing
         # or on which other requests share the step.
@@ -375,6 +380,9 @@ class ClaspProposer:
         scheduled = scheduler_output.num_scheduled_tokens
         skip_possible = self.governor.may_use_skip(len(scheduled)) and self.num_skip > 0
         seeded = bool(batch.generators)
+        cap = self.cfg.disable_by_batch_size
+        if cap is not None and len(scheduled) > cap:
+            return False
         if not skip_possible and not seeded:
             return False
         limit = self.cfg.replan_interval
