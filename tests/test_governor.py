@@ -264,6 +264,39 @@ def test_wave_drafts_move_the_slowest_sequences_together_or_not_at_all():
     assert got[0] > 0 and got[1] > 0 and sum(got) == 8 - 3 and got[2] == 0
 
 
+def test_wave_drafts_behind_long_matches_are_verified_while_they_pay_even_when_blocked():
+    """Measured at bs 8 on Translation: the rows that run to max_tokens copy their source (long
+    context matches, ~93 % accepted) while the rest end at EOS; with every row critical and one
+    without a draft, the wave rule drafted nothing (1.00x) where ngram made 1.19x."""
+    from vllm_clasp.governor import wave_draft_lengths
+
+    cost = _linear(0.053 - 0.0022 * 16, 0.0022)  # batch 16 here: every verified token costs 2.2 ms
+    sure, weak, none = np.cumprod([0.95] * 6), np.cumprod([0.3] * 6), np.zeros(0)
+    crit = [True] * 16
+    drafts = [sure, sure, weak] + [none] * 13
+    # blocked: without long matches nobody drafts; the long-match row gets its sure tokens only
+    assert wave_draft_lengths(drafts, crit, True, 16, cost) == [0] * 16
+    got = wave_draft_lengths(drafts, crit, True, 16, cost, long=[True, False, True] + [False] * 13)
+    assert got[:3] == [6, 0, 0] and sum(got) == 6
+    # an accepted token is worth 1/m of a step: 16 critical rows make 2.2 ms a token pay above
+    # ~0.66 (0.95^7 = 0.70 passes, 0.95^8 = 0.66 not); with 4 critical rows it pays above ~0.17
+    longer = np.cumprod([0.95] * 12)
+    assert wave_draft_lengths([longer] + [none] * 15, crit, True, 16, cost, long=[True] + [False] * 15)[0] == 7
+    few = [True] * 4 + [False] * 12
+    assert wave_draft_lengths([longer] + [none] * 15, few, True, 16, cost, long=[True] + [False] * 15)[0] == 12
+    # however much a token's share of a step is worth, not below an even chance (the table's
+    # chances for long matches run high outside copying workloads)
+    fading = np.cumprod([0.8] * 6)  # 0.8, 0.64, 0.51, 0.41, ...
+    assert wave_draft_lengths([fading] + [none] * 15, few, True, 16, cost, long=[True] + [False] * 15)[0] == 3
+    # a step that drafts nothing else must also cover the once-per-step cost of drafting
+    dear = StepCost()
+    rng = np.random.default_rng(3)
+    for _ in range(400):
+        t = int(rng.integers(17, 40)) if rng.random() < 0.7 else 16
+        dear.add(t, 0.053 + 0.03 * (t > 16) + 0.0021 * (t - 16), t > 16)
+    assert wave_draft_lengths(drafts, crit, True, 16, dear, long=[True, False, True] + [False] * 13) == [0] * 16
+
+
 def test_may_use_skip_foretells_every_layer_skip_step_and_is_mostly_no_when_skip_loses():
     """Asked before the forward (whether to capture hidden states for plans): it must say yes
     whenever the step then drafts with layer skip, and no on most steps while layer skip loses."""

@@ -288,22 +288,22 @@ class ClaspProposer:
         if self.cfg.lookup_max > 0:
             found: dict[int, tuple[np.ndarray, int]] = {}
             order = active if crit is None else sorted(active, key=lambda i: not crit[i])  # critical first
-            rest_moot = False
+            only_long = False
             for i in order:
-                if rest_moot and i not in pinned:
-                    continue
                 n_i = int(num_tokens[i])
                 k = min(self.k, self.max_model_len - n_i)
-                d, ng = lookup_match(batch.token_ids_cpu[i, :n_i], self.cfg.lookup_min, self.cfg.lookup_max, k, LONG_MATCHES)
-                if d.size:
+                shallow = only_long and i not in pinned
+                lo = self.cfg.lookup_max if shallow else self.cfg.lookup_min
+                d, ng = lookup_match(batch.token_ids_cpu[i, :n_i], lo, self.cfg.lookup_max, k, LONG_MATCHES)
+                if d.size and (ng >= LONG_MATCHES[0] or not shallow):
                     found[i] = (d, ng)
-                elif crit is not None and crit[i] and not self.governor.room_below_knee(len(active), len(active)):
+                elif not d.size and crit is not None and crit[i] and not self.governor.room_below_knee(len(active), len(active)):
                     # The batch's end cannot move this step and no token fits below the knee:
-                    # every other draft would be cut to nothing (wave_draft_lengths), so none is
-                    # looked up.
-                    rest_moot = True
-            if rest_moot:
-                found = {i: f for i, f in found.items() if i in pinned}
+                    # only drafts behind long matches can still pay (wave_draft_lengths), so only
+                    # those are looked up (one search a sequence).
+                    only_long = True
+            if only_long:
+                found = {i: f for i, f in found.items() if i in pinned or f[1] >= LONG_MATCHES[0]}
             free = [i for i in found if i not in pinned]
             if free:
                 acc = self.lookup_acceptance
@@ -318,7 +318,8 @@ class ClaspProposer:
                 else:
                     blocked = any(crit[i] and i not in found for i in active)
                     lengths = self.governor.draft_lengths(chances, base, len(active), [crit[i] for i in free], blocked,
-                                                          contexts=contexts)
+                                                          contexts=contexts,
+                                                          long=[found[i][1] >= LONG_MATCHES[0] for i in free])
                 for i, c, m in zip(free, chances, lengths):
                     if crit is None and m < c.size and acc.explore():
                         m += 1  # keeps the cut cells measured
