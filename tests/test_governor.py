@@ -297,6 +297,34 @@ def test_wave_drafts_behind_long_matches_are_verified_while_they_pay_even_when_b
     assert wave_draft_lengths(drafts, crit, True, 16, dear, long=[True, False, True] + [False] * 13) == [0] * 16
 
 
+def test_below_knee_tokens_do_not_ride_along_with_long_match_tokens():
+    """Cheap-looking tokens below the fitted knee must pay the once-per-step cost of drafting
+    themselves: a step drafting for a long match alone does not carry them."""
+    from dataclasses import dataclass
+
+    from vllm_clasp.governor import wave_draft_lengths
+
+    @dataclass
+    class Fitted:  # a step-cost fit as StepCostAt reads it: 50 ms, knee at 20, 2 ms a token past it
+        kappa: float = 0.006
+        context: float = 0.1
+        per_row: float = 0.001
+
+        def fit(self):
+            return 0.05, 0.002, 20, 0.003
+
+        def __call__(self, tokens, drafted=False):
+            return 0.05 + 0.002 * max(0, tokens - 20) + (0.003 if drafted else 0.0)
+
+    sure, weak, none = np.cumprod([0.95] * 6), np.cumprod([0.3] * 6), np.zeros(0)
+    drafts, crit = [sure, weak, weak, weak] + [none] * 4, [True] * 8
+    # the long-match sequence's context is long (its tokens' attention: 30 ms each), the others' short
+    ctx = [5.0, 0.05, 0.05, 0.05] + [0.05] * 4
+    assert wave_draft_lengths(drafts, crit, True, 8, Fitted(), ctx) == [0] * 8
+    got = wave_draft_lengths(drafts, crit, True, 8, Fitted(), ctx, long=[True] + [False] * 7)
+    assert got == [4] + [0] * 7  # 0.95^4 * (50/8 + 1 + 30) ms < 30 ms: four tokens pay
+
+
 def test_may_use_skip_foretells_every_layer_skip_step_and_is_mostly_no_when_skip_loses():
     """Asked before the forward (whether to capture hidden states for plans): it must say yes
     whenever the step then drafts with layer skip, and no on most steps while layer skip loses."""
