@@ -297,7 +297,7 @@ class ClaspProposer:
                 d, ng = lookup_match(batch.token_ids_cpu[i, :n_i], lo, self.cfg.lookup_max, k, LONG_MATCHES)
                 if d.size and (ng >= LONG_MATCHES[0] or not shallow):
                     found[i] = (d, ng)
-                elif not d.size and crit is not None and crit[i] and not self.governor.room_below_knee(len(active), len(active)):
+                elif not (only_long or d.size) and crit is not None and crit[i] and not self.governor.room_below_knee(len(active), len(active)):
                     # The batch's end cannot move this step and no token fits below the knee:
                     # only drafts behind long matches can still pay (wave_draft_lengths), so only
                     # those are looked up (one search a sequence).
