@@ -375,7 +375,10 @@ def wave_draft_lengths(chances: list[np.ndarray], critical: list[bool], blocked:
     ``long[r]``: draft r follows a long context match (``LONG_MATCHES``). Such a sequence is
     copying its context (on Translation those ran to ``max_tokens`` while the others ended at
     EOS): among the ``m`` critical sequences it is at least as likely as any to be the last,
-    so an accepted token of it is also worth ``1/m`` of a step at the batch's end. It gets
+    so an accepted token of it is also worth ``1/m`` of a step at the batch's end (``m`` as
+    counted here: the critical sequences among those passed, i.e. with a draft this step, not
+    all of the batch's; at 8-16 on the CPU measured the 0.5 floor decides either way, see
+    docs/limits.md, "Translation at 16 sequences"). It gets
     its tokens, beyond the knee too, while that pays for their verification and their chance
     stays at least ``LONG_MIN_CHANCE``. (Measured at bs 8: Translation 1.14-1.19x where the rule
     above gave 1.00-1.02x.)
