@@ -1,4 +1,5 @@
 import numpy as np
+import pytest
 
 from vllm_clasp.lookup import LookupAcceptance, SeqAcceptance, lookup_draft, lookup_match
 
@@ -69,12 +70,20 @@ def _keep(acc, sampled, n, length, price, seq=None):
     return int((c >= price).sum()) if price > 0 else length
 
 
+def _verify(acc, sampled, n, drafted, accepted, seq=None):
+    """A verified context draft of ``drafted`` tokens whose first ``accepted`` were accepted; the
+    step also commits the target's own token, which disagrees with the proposal there."""
+    proposal = np.arange(100, 100 + drafted)
+    committed = [*proposal[:accepted].tolist(), 1]
+    acc.observe(sampled, n, proposal, committed, seq)
+
+
 def test_chances_follow_measured_acceptance_by_ngram_length_and_position():
     acc = LookupAcceptance()
     assert _keep(acc, False, 1, 6, 0.5) == 6  # optimistic before anything is measured
     for _ in range(200):
-        acc.update(False, 1, 6, 0)  # 1-gram drafts: first token always rejected
-        acc.update(False, 5, 6, 6)  # 5-gram drafts: all accepted
+        _verify(acc, False, 1, 6, 0)  # 1-gram drafts: first token always rejected
+        _verify(acc, False, 5, 6, 6)  # 5-gram drafts: all accepted
     assert _keep(acc, False, 1, 6, 0.3) == 0
     assert _keep(acc, False, 5, 6, 0.3) == 6
     assert _keep(acc, True, 1, 6, 0.3) == 6  # sampled requests are measured apart
@@ -83,22 +92,40 @@ def test_chances_follow_measured_acceptance_by_ngram_length_and_position():
     assert (np.diff(c) <= 0).all() and c[0] > 0.95
 
 
-def test_cut_drafts_are_still_explored_now_and_then():
-    acc = LookupAcceptance(explore_every=4)
-    assert [acc.explore() for _ in range(8)] == [False, False, False, True] * 2
-
-
 def test_a_sequence_that_accepts_less_than_the_table_expects_gets_shorter_drafts():
     acc = LookupAcceptance()
     for _ in range(200):
-        acc.update(False, 2, 4, 1)  # shared record: first token accepted, second not
+        _verify(acc, False, 2, 4, 1)  # shared record: first token accepted, second not
     free, copying = SeqAcceptance(), SeqAcceptance()
     for _ in range(20):
-        acc.update(False, 2, 4, 0, free)  # this sequence rejects even the first
-        acc.update(False, 2, 4, 4, copying)  # this one accepts everything
+        _verify(acc, False, 2, 4, 0, free)  # this sequence rejects even the first
+        _verify(acc, False, 2, 4, 4, copying)  # this one accepts everything
     assert free.scale() < 0.5 and copying.scale() > 1.1
     price = 0.5
     assert _keep(acc, False, 2, 4, price, free) < _keep(acc, False, 2, 4, price) <= _keep(acc, False, 2, 4, price, copying)
+
+
+def test_committed_tokens_measure_the_whole_proposal_drafted_or_not():
+    """Every committed token is the target's own, so it measures the proposal token at its place
+    while the ones before it agreed: undrafted matches and the cut-off part of a fully accepted
+    draft are measured for free; nothing after the first disagreement is."""
+    acc = LookupAcceptance()
+    proposal = np.asarray([5, 6, 7, 8])
+    acc.observe(False, 3, proposal, [5])  # nothing drafted: the step's one token agreed
+    acc.observe(False, 3, proposal, [9])  # ... and disagreed
+    assert acc.trials[(False, 3, 0)] == pytest.approx(1.0 * acc.decay + 1.0)
+    assert acc.accepts[(False, 3, 0)] == pytest.approx(1.0 * acc.decay)
+    acc.observe(False, 4, proposal, [5, 6, 7])  # two drafted, both accepted, the target's third agreed
+    assert [acc.accepts.get((False, 4, j)) for j in range(4)] == [1.0, 1.0, 1.0, None]
+    acc.observe(False, 2, proposal, [5, 9, 7])  # the second disagreed: the third tells nothing
+    assert [acc.trials.get((False, 2, j)) for j in range(3)] == [1.0, 1.0, None]
+    assert acc.accepts[(False, 2, 1)] == 0.0
+    for _ in range(100):
+        acc.observe(False, 2, proposal, [9])  # other sequences: 2-token matches mostly wrong
+    seq = SeqAcceptance()
+    for _ in range(10):
+        acc.observe(False, 2, proposal, [5], seq)  # never drafted, always right: a copying sequence
+    assert seq.scale() > 2.0
 
 
 def test_long_matches_are_classed_by_how_far_back_they_reach():

@@ -22,8 +22,9 @@ tokens, then ~2 ms per token; attention costs ~6 µs per verified token per toke
 so at ~760-token contexts a draft token costs ~4.5 ms even below the knee, and at 16 rows every
 draft token costs ~0.66 tokens of output. Context drafts are then chosen for the whole step at
 once (``best_draft_lengths``): the surest tokens first, as long as the step's tokens per second
-rise. With no request waiting, the batch ends with its slowest sequences: only drafts that move
-all of them count (``wave_draft_lengths``). On a GPU the knee lies far out and drafting stays wide.
+rise. With no request waiting, the batch ends with its last sequence: a sequence's accepted
+token is worth its chance of being that one times a step (``last_shares``, ``wave_draft_lengths``).
+On a GPU the knee lies far out and drafting stays wide.
 """
 
 from __future__ import annotations
@@ -348,17 +349,38 @@ def critical_rows(remaining: list[int], waiting: int | None, slack: int = 2) -> 
     return [r >= top - slack for r in remaining]
 
 
-LONG_MIN_CHANCE = 0.5
-"""Below this chance a long-match token is not verified for the batch's end (``wave_draft_lengths``),
-whatever its share of a step: the lookup table pools every workload's matches, and without this
-floor (bs 8, one chunk each) the context tokens it verified were accepted as expected where
-sequences copy a source (Translation: 110 expected, 114 accepted) but half as often elsewhere
-(QA: 39 and 18, 0.95x that chunk; Summarization: 56 and 31)."""
+WAVE_MIN_CHANCE = 0.5
+"""Below this chance a context-draft token is not verified for the batch's end, whatever its
+share of a step (``wave_draft_lengths``). An accepted token's worth there (``last_shares``) is an
+estimate, and the tokens of middling chance are the ones it misprices most: without a floor (bs 8,
+long matches, one chunk each) the tokens verified were accepted as expected where sequences copy
+a source (Translation: 110 expected, 114 accepted) but half as often elsewhere (QA: 39 and 18,
+0.95x that chunk; Summarization: 56 and 31)."""
+
+LAST_SPREAD = 2.0
+"""Tokens: how many more tokens left make a sequence clearly the likelier last (``last_shares``)."""
+
+
+def last_shares(remaining: list[int], spread: float = LAST_SPREAD) -> np.ndarray:
+    """The chance that each sequence is the batch's last to end, with no request waiting.
+
+    The batch ends with the sequence that has the most tokens left, give or take what drafts and
+    EOS change from here: the chance falls off smoothly (softmax, ``spread`` tokens) with how
+    many fewer a sequence has left. An accepted token of sequence r brings the batch's end about
+    ``share[r]`` of a step closer. So the sequences level with the longest share a step between
+    them: where they copy their contexts alike (Translation) each one's sure tokens pay; one that
+    has drafted its way ahead gets less, and the others catch up. Weighting instead by how fast
+    each was expected to go (its context matches' chances) put the whole share on the sequences
+    whose matches were weakest (Translation at 16: τ 1.16 where ngram made 1.67), since a
+    sequence not drafted goes no faster however good its matches."""
+    s = np.asarray(remaining, dtype=np.float64)
+    w = np.exp((s - s.max()) / spread)
+    return w / w.sum()
 
 
 def wave_draft_lengths(chances: list[np.ndarray], critical: list[bool], blocked: bool, base_tokens: int,
                        cost: StepCost | StepCostAt, contexts: list[float] | None = None,
-                       long: list[bool] | None = None) -> list[int]:
+                       shares: list[float] | None = None) -> list[int]:
     """Draft lengths when no request waits: the batch ends with its slowest sequences.
 
     The critical sequences move the end only together: a step brings it ``1 + min(accepted)``
@@ -372,16 +394,13 @@ def wave_draft_lengths(chances: list[np.ndarray], critical: list[bool], blocked:
     outputs end at EOS long before ``max_tokens``: the critical set was the whole batch, one
     sequence without a draft blocked it, and nothing was drafted, τ 1.04 against ngram's 1.55.)
 
-    ``long[r]``: draft r follows a long context match (``LONG_MATCHES``). Such a sequence is
-    copying its context (on Translation those ran to ``max_tokens`` while the others ended at
-    EOS): among the ``m`` critical sequences it is at least as likely as any to be the last,
-    so an accepted token of it is also worth ``1/m`` of a step at the batch's end (``m`` as
-    counted here: the critical sequences among those passed, i.e. with a draft this step, not
-    all of the batch's; at 8-16 on the CPU measured the 0.5 floor decides either way, see
-    docs/limits.md, "Translation at 16 sequences"). It gets
-    its tokens, beyond the knee too, while that pays for their verification and their chance
-    stays at least ``LONG_MIN_CHANCE``. (Measured at bs 8: Translation 1.14-1.19x where the rule
-    above gave 1.00-1.02x.)
+    ``shares[r]``: the chance that draft r's sequence is the batch's last to end (``last_shares``),
+    so an accepted token of it is worth that share of a step at the batch's end (and ``ρ``). Each
+    draft gets its tokens beyond those, past the knee too, while that pays for their verification
+    and their chance stays at least ``WAVE_MIN_CHANCE``: tokens of sequences that copy alike all
+    count, whether they hold the end now or not (the rule above gave Translation 1.00-1.02x at bs
+    8, where ngram drafting every match gave 1.21x; sequences copy in bursts of a few steps, and a
+    burst skipped while a sequence is a little ahead is lost for good, the end then waits for it).
     """
     a, b, k, c = cost.fit()
     sizes = [int(x.size) for x in chances]
@@ -423,13 +442,14 @@ def wave_draft_lengths(chances: list[np.ndarray], critical: list[bool], blocked:
             used += len(order)
         else:
             saved = 0.0
-    if long is not None:
-        worth = cost(base_tokens) / max(1, sum(critical)) + cost.per_row  # an accepted token's share, with ρ
-        for r in (r for r, f in enumerate(long) if f):
+    if shares is not None:
+        step = cost(base_tokens)
+        for r, share in enumerate(shares):
+            worth = share * step + cost.per_row  # an accepted token's share of a step at the end, with ρ
             for j in range(extra[r], sizes[r]):
                 e_j = float(attn[starts[r] + j])
                 gain = float(chances[r][j]) * (worth + e_j) - e_j - (b if used + 1 > k else 0.0)
-                if gain < 0 or chances[r][j] < LONG_MIN_CHANCE:
+                if gain < 0 or chances[r][j] < WAVE_MIN_CHANCE:
                     break
                 extra[r], used, saved = j + 1, used + 1, saved + gain
     if depth == 0 and c > 0 and saved < c:
@@ -621,24 +641,16 @@ class Governor:
     # -- deciding -------------------------------------------------------------------------
     def draft_lengths(self, chances: list[np.ndarray], base_tokens: int, rows: int,
                       critical: list[bool] | None = None, blocked: bool = False,
-                      contexts: list[float] | None = None, long: list[bool] | None = None) -> list[int]:
+                      contexts: list[float] | None = None, shares: list[float] | None = None) -> list[int]:
         """Tokens of each draft worth verifying this step (all of them with the governor off):
         for throughput while requests wait (``critical`` None), else for the batch's end.
-        ``contexts``: each draft's sequence length, thousands of tokens; ``long``: which drafts
-        follow a long context match (``wave_draft_lengths``)."""
+        ``contexts``: each draft's sequence length, thousands of tokens; ``shares``: each
+        draft's sequence's chance of being the batch's last (``last_shares``)."""
         if not self.enabled:
             return [int(c.size) for c in chances]
         if critical is None:
             return best_draft_lengths(chances, base_tokens, rows, self.step_cost(rows), contexts)
-        return wave_draft_lengths(chances, critical, blocked, base_tokens, self.step_cost(rows), contexts, long)
-
-    def room_below_knee(self, rows: int, tokens: int) -> float:
-        """Draft tokens a step of ``tokens`` verified tokens could add below the step-cost knee:
-        with none, a step whose slowest sequences cannot move drafts nothing (``wave_draft_lengths``)."""
-        if not self.enabled:
-            return float("inf")
-        a, b, k, c = self.step_cost(rows).fit()
-        return float("inf") if b == 0 else float(max(0, k - tokens))
+        return wave_draft_lengths(chances, critical, blocked, base_tokens, self.step_cost(rows), contexts, shares)
 
     def use_skip(self, rows: int) -> bool:
         """Layer-skip drafts this step, for the rows without a paying context draft? While they

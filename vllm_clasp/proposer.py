@@ -28,7 +28,7 @@ from vllm.logger import init_logger
 
 from vllm_clasp.config import PARAMS_ATTR, ClaspConfig
 from vllm_clasp.patches import WAITING_ATTR
-from vllm_clasp.governor import LOOKUP, PLAIN, SKIP, Governor, critical_rows
+from vllm_clasp.governor import LOOKUP, PLAIN, SKIP, Governor, critical_rows, last_shares
 from vllm_clasp.lookup import LONG_MATCHES, LookupAcceptance, SeqAcceptance, lookup_match
 from vllm_clasp.drafting import DraftHead, KVGroup, LayerStack, ScratchLayerRunner, draft_step, kv_group_from_runner, layer_stack
 from vllm_clasp.metrics import observe_plan
@@ -108,6 +108,7 @@ class _SeqState:
     rounds_since_plan: int = 0
     fit: PlanFit = field(default_factory=PlanFit)  # its layer-skip acceptance since the plan
     lookup_n: int = 0  # n-gram length behind the context draft proposed last round (0: none)
+    proposal: tuple[np.ndarray, int] | None = None  # last round's whole context match and its n, drafted or not
     lookup_expect: float = 0.0  # the chances of that draft's tokens, summed
     skip_drafted: bool = False  # last round's draft came from the layer-skip model
     lookup: SeqAcceptance = field(default_factory=SeqAcceptance)
@@ -231,6 +232,8 @@ class ClaspProposer:
         for i, rid in enumerate(req_ids):
             if i >= len(sampled_token_ids) or not sampled_token_ids[i]:
                 measurable = False  # a partial prefill shares this step
+                if rid in self.seqs:
+                    self.seqs[rid].proposal = None
                 continue  # partial prefill or discarded: nothing to draft from
             num_draft = len(spec_tokens.get(rid, ()))
             n_sched = int(qsl[i + 1] - qsl[i])
@@ -241,10 +244,11 @@ class ClaspProposer:
             last_idx[i] = int(qsl[i]) + (n_sched - 1 - num_draft) + (len(sampled_token_ids[i]) - 1)
             st = self.seqs.setdefault(rid, _SeqState())
             st.rounds_since_plan += 1
+            if st.proposal is not None:
+                self.lookup_acceptance.observe(sampling.is_random(i), st.proposal[1], st.proposal[0],
+                                               sampled_token_ids[i], st.lookup)
+                st.proposal = None
             if st.lookup_n and num_draft:
-                self.lookup_acceptance.update(
-                    sampling.is_random(i), st.lookup_n, num_draft, len(sampled_token_ids[i]) - 1, st.lookup
-                )
                 self.stats.lookup_expected += st.lookup_expect
                 self.stats.lookup_accepted += len(sampled_token_ids[i]) - 1
             if st.skip_drafted:
@@ -287,28 +291,22 @@ class ClaspProposer:
         t_lookup = time.perf_counter()
         if self.cfg.lookup_max > 0:
             found: dict[int, tuple[np.ndarray, int]] = {}
-            order = active if crit is None else sorted(active, key=lambda i: not crit[i])  # critical first
-            only_long = False
-            for i in order:
+            acc = self.lookup_acceptance
+            for i in active:
                 n_i = int(num_tokens[i])
                 k = min(self.k, self.max_model_len - n_i)
-                shallow = only_long and i not in pinned
-                lo = self.cfg.lookup_max if shallow else self.cfg.lookup_min
-                d, ng = lookup_match(batch.token_ids_cpu[i, :n_i], lo, self.cfg.lookup_max, k, LONG_MATCHES)
-                if d.size and (ng >= LONG_MATCHES[0] or not shallow):
+                d, ng = lookup_match(batch.token_ids_cpu[i, :n_i], self.cfg.lookup_min, self.cfg.lookup_max, k, LONG_MATCHES)
+                if d.size:
                     found[i] = (d, ng)
-                elif not (only_long or d.size) and crit is not None and crit[i] and not self.governor.room_below_knee(len(active), len(active)):
-                    # The batch's end cannot move this step and no token fits below the knee:
-                    # only drafts behind long matches can still pay (wave_draft_lengths), so only
-                    # those are looked up (one search a sequence).
-                    only_long = True
-            if only_long:
-                found = {i: f for i, f in found.items() if i in pinned or f[1] >= LONG_MATCHES[0]}
+                    self.seqs[req_ids[i]].proposal = (d.copy(), ng)  # measured by the next step's tokens, drafted or not
             free = [i for i in found if i not in pinned]
             if free:
-                acc = self.lookup_acceptance
+                # For the batch's end the table's chances unscaled: a sequence's own record, pushed
+                # up by a few lucky steps, picks drafts that then fail (session 18 at 16: verified
+                # context tokens accepted 0.53-0.89 times as often as their scaled chances said).
                 chances = [
-                    acc.chances(sampling.is_random(i), found[i][1], int(found[i][0].size), self.seqs[req_ids[i]].lookup)
+                    acc.chances(sampling.is_random(i), found[i][1], int(found[i][0].size),
+                                self.seqs[req_ids[i]].lookup if crit is None else None)
                     for i in free
                 ]
                 base = len(active) + sum(int(found[i][0].size) for i in found if i in pinned)
@@ -317,12 +315,10 @@ class ClaspProposer:
                     lengths = self.governor.draft_lengths(chances, base, len(active), contexts=contexts)
                 else:
                     blocked = any(crit[i] and i not in found for i in active)
+                    share = dict(zip(active, last_shares([left[i] for i in active])))
                     lengths = self.governor.draft_lengths(chances, base, len(active), [crit[i] for i in free], blocked,
-                                                          contexts=contexts,
-                                                          long=[found[i][1] >= LONG_MATCHES[0] for i in free])
+                                                          contexts=contexts, shares=[float(share[i]) for i in free])
                 for i, c, m in zip(free, chances, lengths):
-                    if crit is None and m < c.size and acc.explore():
-                        m += 1  # keeps the cut cells measured
                     found[i] = (found[i][0][:m], found[i][1])
                     self.seqs[req_ids[i]].lookup_expect = float(c[:m].sum())
             for i, (d, ng) in found.items():

