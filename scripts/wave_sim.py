@@ -26,7 +26,7 @@ import sys
 
 import numpy as np
 
-from vllm_clasp.governor import WAVE_MIN_CHANCE, last_shares
+from vllm_clasp.governor import critical_rows, last_shares, wave_draft_lengths
 from vllm_clasp.lookup import LONG_MATCHES, LookupAcceptance, lookup_match
 
 
@@ -78,6 +78,21 @@ class Cost:
         return self.a + self.rho * rows + self.b * max(0, tokens - self.knee) + self.kappa * work + self.c * drafted
 
 
+class CostAt:
+    """The model's step cost at one batch size, read as the governor reads a fitted ``StepCostAt``
+    (so the package's own ``wave_draft_lengths`` decides the drafts)."""
+
+    def __init__(self, cost: Cost, rows: int):
+        self.cost, self.rows = cost, rows
+        self.kappa, self.per_row, self.context = cost.kappa, cost.rho, 0.0
+
+    def fit(self) -> tuple[float, float, int, float]:
+        return self.cost.a + self.cost.rho * self.rows, self.cost.b, self.cost.knee, self.cost.c
+
+    def __call__(self, tokens: float, drafted: bool = False) -> float:
+        return self.cost.step(self.rows, int(tokens), 0.0, drafted)
+
+
 def policy_plain(rows, live, pos, left, acc, cost):
     return {}
 
@@ -86,41 +101,31 @@ def policy_ngram(rows, live, pos, left, acc, cost):
     return {i: rows[i].ngram[pos[i]][0] for i in live}
 
 
+def _wave(rows, live, pos, left, acc, cost, share_of):
+    """``wave_draft_lengths`` over the sequences with a match, each priced at ``share_of(i)``."""
+    crit = dict(zip(live, critical_rows([left[i] for i in live], waiting=0) or [True] * len(live)))
+    free = [i for i in live if rows[i].matches[pos[i]][0]]
+    if not free:
+        return {}
+    chances = [acc.chances(False, rows[i].matches[pos[i]][1], rows[i].matches[pos[i]][0]) for i in free]
+    blocked = any(crit[i] and not rows[i].matches[pos[i]][0] for i in live)
+    lengths = wave_draft_lengths(chances, [crit[i] for i in free], blocked, len(live), CostAt(cost, len(live)),
+                                 [(rows[i].prompt + pos[i]) / 1000.0 for i in free], [share_of(i) for i in free])
+    return dict(zip(free, lengths))
+
+
 def policy_shares(rows, live, pos, left, acc, cost):
-    """Every sequence's tokens priced at its share of a step at the wave's end (``last_shares``)."""
-    share = last_shares([left[i] for i in live])
-    step = cost.a + cost.rho * len(live)
-    out = {}
-    for s, i in zip(share, live):
-        size, n, _ = rows[i].matches[pos[i]]
-        if not size:
-            continue
-        ch = acc.chances(False, n, size)
-        e = cost.kappa * (rows[i].prompt + pos[i]) / 1000.0
-        worth = s * step + cost.rho
-        m = 0
-        while m < size and ch[m] >= WAVE_MIN_CHANCE and ch[m] * (worth + e) - e - cost.b >= 0:
-            m += 1
-        out[i] = m
-    return out
+    """Every sequence's tokens priced at its chance of ending the wave last (``last_shares``)."""
+    share = dict(zip(live, last_shares([left[i] for i in live])))
+    return _wave(rows, live, pos, left, acc, cost, lambda i: float(share[i]))
 
 
 def policy_long(rows, live, pos, left, acc, cost):
-    """Session 17's rule (roughly): only 8+-token matches, at 1/m of a step (m: critical with one)."""
+    """Session 17's rule: only 8+-token matches, at 1/m of a step (m: critical sequences with a match)."""
     top = max(left[i] for i in live)
-    withd = [i for i in live if rows[i].matches[pos[i]][0] and rows[i].matches[pos[i]][1] >= LONG_MATCHES[0]]
-    m = max(1, sum(left[i] >= top - 2 for i in withd))
-    step = cost.a + cost.rho * len(live)
-    out = {}
-    for i in withd:
-        size, n, _ = rows[i].matches[pos[i]]
-        ch = acc.chances(False, n, size)
-        e = cost.kappa * (rows[i].prompt + pos[i]) / 1000.0
-        k = 0
-        while k < size and ch[k] >= WAVE_MIN_CHANCE and ch[k] * (step / m + cost.rho + e) - e - cost.b >= 0:
-            k += 1
-        out[i] = k
-    return out
+    m = max(1, sum(left[i] >= top - 2 for i in live if rows[i].matches[pos[i]][0]))
+    return _wave(rows, live, pos, left, acc, cost,
+                 lambda i: 1.0 / m if rows[i].matches[pos[i]][1] >= LONG_MATCHES[0] else 0.0)
 
 
 POLICIES = {"ngram": policy_ngram, "shares": policy_shares, "long-only": policy_long}
