@@ -10,8 +10,8 @@ decides.
     python scripts/wave_sim.py --generate /tmp/greedy.json   # plain engine, greedy outputs (~1 min)
     python scripts/wave_sim.py /tmp/greedy.json --batch-size 16
 
-Each step every unfinished sequence has its context match (``lookup_match``, as the proposer
-looks it up); a policy picks how many of its tokens to verify; the step costs
+Each step every unfinished sequence has its context match (``lookup_matches``, at the occurrence
+its ``OccurrenceChoice`` picks, as the proposer looks it up); a policy picks how many of its tokens to verify; the step costs
 ``a + ρ·rows + b·max(0, T - knee) + κ·W + c·[any draft]`` (``governor.StepCost``'s shape) and
 each sequence advances by one plus its accepted tokens. Chances come from a table learnt online
 from every match, drafted or not (``LookupAcceptance.observe``).
@@ -27,7 +27,7 @@ import sys
 import numpy as np
 
 from vllm_clasp.governor import critical_rows, last_shares, wave_draft_lengths
-from vllm_clasp.lookup import LONG_MATCHES, LookupAcceptance, lookup_match
+from vllm_clasp.lookup import LONG_MATCHES, LookupAcceptance, OccurrenceChoice, agreement, lookup_matches
 
 
 def generate(path: str, per_group: int, max_tokens: int, offset: int) -> None:
@@ -57,17 +57,40 @@ class Row:
     def __init__(self, prompt: list[int], output: list[int]):
         self.prompt, self.out = len(prompt), output
         seq = np.asarray(prompt + output, dtype=np.int32)
-        self.matches = []  # per position: (draft, n, tokens the output confirms)
+        self.rivals = []  # per position: the matches at the latest and the earliest occurrence (or None)
         self.ngram = []  # vLLM's ngram method as the bench runs it: 4-gram matches, 5 tokens
         for t in range(len(output)):
-            for lo, hi, k, into in ((1, 6, 8, self.matches), (4, 4, 5, self.ngram)):
-                d, n = lookup_match(seq[: self.prompt + t], lo, hi, k, LONG_MATCHES if into is self.matches else ())
-                ok = 0
-                for a, b in zip(d.tolist(), output[t:]):
-                    if a != b:
-                        break
-                    ok += 1
-                into.append((d.size, n, ok))
+            self.rivals.append(lookup_matches(seq[: self.prompt + t], 1, 6, 8, LONG_MATCHES))
+            d = _ngram(seq[: self.prompt + t], 4, 5)
+            self.ngram.append((d.size, 4, _right(d, output[t:])))
+        self.choice = OccurrenceChoice()
+        self.matches = []  # per position reached: (draft, n, tokens the output confirms), as the sequence chose
+
+    def match(self, t: int) -> tuple[int, int, int]:
+        """The context match at ``t`` as the proposer picks it (``OccurrenceChoice``)."""
+        latest, earliest = self.rivals[t]
+        d, n = earliest if earliest is not None and self.choice.use_earliest else latest
+        while len(self.matches) <= t:
+            self.matches.append((0, 0, 0))
+        self.matches[t] = (d.size, n, _right(d, self.out[t:]))
+        return self.matches[t]
+
+    def observe(self, t: int, committed: list[int]) -> None:
+        latest, earliest = self.rivals[t]
+        if earliest is not None:
+            self.choice.observe(latest[0], earliest[0], committed)
+
+
+def _right(draft: np.ndarray, output: list[int]) -> int:
+    return agreement(draft, output[: draft.size])
+
+
+def _ngram(seq: np.ndarray, n: int, k: int) -> np.ndarray:
+    """vLLM's ngram draft: the tokens after the earliest occurrence of the last n tokens."""
+    for s in range(seq.size - n):
+        if (seq[s : s + n] == seq[seq.size - n :]).all():
+            return seq[s + n : s + n + k]
+    return seq[:0]
 
 
 class Cost:
@@ -133,26 +156,32 @@ POLICIES = {"ngram": policy_ngram, "shares": policy_shares, "long-only": policy_
 
 def simulate(rows: list[Row], max_tokens: int, policy, acc: LookupAcceptance, cost: Cost) -> float:
     pos = [0] * len(rows)
+    for r in rows:
+        r.choice, r.matches = OccurrenceChoice(), []
     seconds = 0.0
     while True:
         live = [i for i in range(len(rows)) if pos[i] < len(rows[i].out)]
         if not live:
             return seconds
+        for i in live:
+            rows[i].match(pos[i])
         left = {i: max_tokens - pos[i] for i in live}
         drafts = policy(rows, live, pos, left, acc, cost)
         tokens = len(live) + sum(drafts.values())
         work = sum((rows[i].prompt + pos[i]) / 1000.0 * (1 + drafts.get(i, 0)) for i in live)
         seconds += cost.step(len(live), tokens, work, any(drafts.values()))
         for i in live:
-            size, n, ok = rows[i].matches[pos[i]]
+            r, t = rows[i], pos[i]
+            size, n, ok = r.matches[t]
             if policy is policy_ngram:
-                ok = rows[i].ngram[pos[i]][2]
+                ok = r.ngram[t][2]
             elif size:
                 # the proposal against what the step commits, drafted or not: the accepted draft
                 # tokens, then the target's own, which agrees with the match if that went on
                 a = min(ok, drafts.get(i, 0))
                 acc.observe(False, n, np.arange(size), list(range(a)) + [a if ok > a else -1])
             pos[i] += 1 + min(ok, drafts.get(i, 0))
+            r.observe(t, r.out[t : pos[i]])
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -1,7 +1,8 @@
 import numpy as np
 import pytest
 
-from vllm_clasp.lookup import LookupAcceptance, SeqAcceptance, lookup_draft, lookup_match
+from vllm_clasp.lookup import (LONG_MATCHES, LookupAcceptance, OccurrenceChoice, SeqAcceptance, agreement, lookup_draft,
+                               lookup_match, lookup_matches)
 
 
 def t(*xs):
@@ -46,6 +47,57 @@ def test_matches_a_brute_force_search():
                 break
         got, got_n = lookup_match(seq, mn, mx, k)
         assert got.tolist() == want.tolist() and got_n == want_n
+
+
+def test_latest_and_earliest_occurrences_match_a_brute_force_search():
+    """lookup_matches: the longest suffix n-gram's most recent occurrence (lookup_match's) and its
+    earliest, None where it occurred once; each draft's n classed as far back as it matches."""
+    rng = np.random.default_rng(2)
+    values = np.array([0, 1, 2, 256, 65536], dtype=np.int32)  # 256 and 65536: unaligned byte hits
+    for _ in range(3000):
+        seq = values[rng.integers(0, int(rng.integers(1, 6)), size=int(rng.integers(1, 40)))]
+        mn = int(rng.integers(1, 4))
+        mx, k = int(rng.integers(mn, 7)), int(rng.integers(1, 6))
+        classes = LONG_MATCHES if rng.random() < 0.5 else ()
+        latest, earliest = lookup_matches(seq, mn, mx, k, classes)
+        assert latest[0].tolist() == lookup_match(seq, mn, mx, k, classes)[0].tolist()
+        assert latest[1] == lookup_match(seq, mn, mx, k, classes)[1]
+        ends = []
+        for n in range(min(mx, len(seq) - 1), mn - 1, -1):
+            ends = [e for e in range(n - 1, len(seq) - 1) if (seq[e - n + 1 : e + 1] == seq[len(seq) - n :]).all()]
+            if ends:
+                break
+        if len(ends) < 2:
+            assert earliest is None
+            continue
+        assert earliest is not None
+        d, c = earliest
+        assert d.tolist() == seq[ends[0] + 1 : ends[0] + 1 + k].tolist()
+        m = 0  # how far back the earliest occurrence matches the suffix
+        while m < 32 and ends[0] - m >= 0 and seq[ends[0] - m] == seq[len(seq) - 1 - m]:
+            m += 1
+        assert c == (max([n] + [x for x in classes if x <= m]) if classes and n == mx else n)
+
+
+def test_each_sequence_copies_the_occurrence_whose_proposals_came_true():
+    """Both occurrences' proposals are measured by every step's committed tokens; the earliest is
+    copied only once it has been right more often (a summary following its article), and the
+    choice turns back when the most recent does better again."""
+    assert agreement(np.asarray([5, 6, 7]), [5, 6, 9, 1]) == 2
+    assert agreement(np.asarray([5, 6, 7]), [5, 6]) == 2  # only as far as the step committed
+    assert agreement(np.asarray([5, 6]), [9]) == 0
+    assert agreement(np.asarray([], dtype=np.int64), [5]) == 0
+    choice = OccurrenceChoice()
+    assert not choice.use_earliest  # the most recent while level
+    latest, earliest = np.asarray([1, 2, 3]), np.asarray([4, 5, 6])
+    choice.observe(latest, earliest, [1])
+    assert not choice.use_earliest
+    for _ in range(3):
+        choice.observe(latest, earliest, [4, 5])
+    assert choice.use_earliest
+    for _ in range(4):
+        choice.observe(latest, earliest, [1, 2, 3])
+    assert not choice.use_earliest
 
 
 def test_byte_matches_inside_a_token_are_not_matches():
@@ -131,8 +183,6 @@ def test_committed_tokens_measure_the_whole_proposal_drafted_or_not():
 def test_long_matches_are_classed_by_how_far_back_they_reach():
     """A match of lookup_max tokens is followed back: its class is the largest of LONG_MATCHES
     (or lookup_max) its whole length reaches; the draft itself is unchanged."""
-    from vllm_clasp.lookup import LONG_MATCHES
-
     rng = np.random.default_rng(1)
     for _ in range(500):
         span = rng.integers(0, 3, size=int(rng.integers(6, 40))).astype(np.int32)

@@ -29,7 +29,7 @@ from vllm.logger import init_logger
 from vllm_clasp.config import PARAMS_ATTR, ClaspConfig
 from vllm_clasp.patches import WAITING_ATTR
 from vllm_clasp.governor import LOOKUP, PLAIN, SKIP, Governor, critical_rows, last_shares
-from vllm_clasp.lookup import LONG_MATCHES, LookupAcceptance, SeqAcceptance, lookup_match
+from vllm_clasp.lookup import LONG_MATCHES, LookupAcceptance, OccurrenceChoice, SeqAcceptance, lookup_matches
 from vllm_clasp.drafting import DraftHead, KVGroup, LayerStack, ScratchLayerRunner, draft_step, kv_group_from_runner, layer_stack
 from vllm_clasp.metrics import observe_plan
 from vllm_clasp.planner import plan_skip_layers, skip_mask
@@ -109,6 +109,9 @@ class _SeqState:
     fit: PlanFit = field(default_factory=PlanFit)  # its layer-skip acceptance since the plan
     lookup_n: int = 0  # n-gram length behind the context draft proposed last round (0: none)
     proposal: tuple[np.ndarray, int] | None = None  # last round's whole context match and its n, drafted or not
+    rivals: tuple[np.ndarray, np.ndarray] | None = None  # last round's matches at the latest and the earliest occurrence
+    occurrence: OccurrenceChoice = field(default_factory=OccurrenceChoice)
+    from_earliest: bool = False  # this round's context match is at the earliest occurrence
     lookup_expect: float = 0.0  # the chances of that draft's tokens, summed
     skip_drafted: bool = False  # last round's draft came from the layer-skip model
     lookup: SeqAcceptance = field(default_factory=SeqAcceptance)
@@ -141,6 +144,7 @@ class ClaspStats:
     lookup_tokens: int = 0
     lookup_expected: float = 0.0  # sum of the chances of verified context-draft tokens
     lookup_accepted: int = 0  # context-draft tokens accepted (calibration: against lookup_expected)
+    lookup_earliest: int = 0  # of lookup_rounds, those copying the match's earliest occurrence (OccurrenceChoice)
     skipped_hist: dict[int, int] = field(default_factory=dict)
     plan_s_hist: dict[float, int] = field(default_factory=dict)  # see metrics.observe_plan
 
@@ -233,7 +237,7 @@ class ClaspProposer:
             if i >= len(sampled_token_ids) or not sampled_token_ids[i]:
                 measurable = False  # a partial prefill shares this step
                 if rid in self.seqs:
-                    self.seqs[rid].proposal = None
+                    self.seqs[rid].proposal = self.seqs[rid].rivals = None
                 continue  # partial prefill or discarded: nothing to draft from
             num_draft = len(spec_tokens.get(rid, ()))
             n_sched = int(qsl[i + 1] - qsl[i])
@@ -248,6 +252,9 @@ class ClaspProposer:
                 self.lookup_acceptance.observe(sampling.is_random(i), st.proposal[1], st.proposal[0],
                                                sampled_token_ids[i], st.lookup)
                 st.proposal = None
+            if st.rivals is not None:
+                st.occurrence.observe(*st.rivals, sampled_token_ids[i])
+                st.rivals = None
             if st.lookup_n and num_draft:
                 self.stats.lookup_expected += st.lookup_expect
                 self.stats.lookup_accepted += len(sampled_token_ids[i]) - 1
@@ -295,10 +302,17 @@ class ClaspProposer:
             for i in active:
                 n_i = int(num_tokens[i])
                 k = min(self.k, self.max_model_len - n_i)
-                d, ng = lookup_match(batch.token_ids_cpu[i, :n_i], self.cfg.lookup_min, self.cfg.lookup_max, k, LONG_MATCHES)
+                latest, earliest = lookup_matches(batch.token_ids_cpu[i, :n_i], self.cfg.lookup_min,
+                                                  self.cfg.lookup_max, k, LONG_MATCHES)
+                st = self.seqs[req_ids[i]]
+                from_earliest = earliest is not None and st.occurrence.use_earliest
+                d, ng = earliest if from_earliest else latest
+                st.from_earliest = from_earliest
                 if d.size:
                     found[i] = (d, ng)
-                    self.seqs[req_ids[i]].proposal = (d.copy(), ng)  # measured by the next step's tokens, drafted or not
+                    st.proposal = (d.copy(), ng)  # measured by the next step's tokens, drafted or not
+                if earliest is not None:
+                    st.rivals = (latest[0].copy(), earliest[0].copy())
             free = [i for i in found if i not in pinned]
             if free:
                 # For the batch's end the table's chances unscaled: a sequence's own record, pushed
@@ -326,6 +340,7 @@ class ClaspProposer:
                     drafts[i] = d.tolist()
                     looked_up.add(i)
                     self.seqs[req_ids[i]].lookup_n = ng
+                    self.stats.lookup_earliest += self.seqs[req_ids[i]].from_earliest
             self.stats.lookup_rounds += len(looked_up)
             self.stats.lookup_tokens += sum(len(drafts[i]) for i in looked_up)
         t0 = time.perf_counter()
