@@ -64,14 +64,12 @@ class Row:
             d = _ngram(seq[: self.prompt + t], 4, 5)
             self.ngram.append((d.size, 4, _right(d, output[t:])))
         self.choice = OccurrenceChoice()
-        self.matches = []  # per position reached: (draft, n, tokens the output confirms), as the sequence chose
+        self.matches = [(0, 0, 0)] * len(output)  # per position reached: (draft, n, tokens the output confirms), as chosen
 
     def match(self, t: int) -> tuple[int, int, int]:
         """The context match at ``t`` as the proposer picks it (``OccurrenceChoice``)."""
         latest, earliest = self.rivals[t]
         d, n = earliest if earliest is not None and self.choice.use_earliest else latest
-        while len(self.matches) <= t:
-            self.matches.append((0, 0, 0))
         self.matches[t] = (d.size, n, _right(d, self.out[t:]))
         return self.matches[t]
 
@@ -157,7 +155,7 @@ POLICIES = {"ngram": policy_ngram, "shares": policy_shares, "long-only": policy_
 def simulate(rows: list[Row], max_tokens: int, policy, acc: LookupAcceptance, cost: Cost) -> float:
     pos = [0] * len(rows)
     for r in rows:
-        r.choice, r.matches = OccurrenceChoice(), []
+        r.choice, r.matches = OccurrenceChoice(), [(0, 0, 0)] * len(r.out)
     seconds = 0.0
     while True:
         live = [i for i in range(len(rows)) if pos[i] < len(rows[i].out)]

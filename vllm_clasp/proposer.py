@@ -111,7 +111,6 @@ class _SeqState:
     proposal: tuple[np.ndarray, int] | None = None  # last round's whole context match and its n, drafted or not
     rivals: tuple[np.ndarray, np.ndarray] | None = None  # last round's matches at the latest and the earliest occurrence
     occurrence: OccurrenceChoice = field(default_factory=OccurrenceChoice)
-    from_earliest: bool = False  # this round's context match is at the earliest occurrence
     lookup_expect: float = 0.0  # the chances of that draft's tokens, summed
     skip_drafted: bool = False  # last round's draft came from the layer-skip model
     lookup: SeqAcceptance = field(default_factory=SeqAcceptance)
@@ -298,6 +297,7 @@ class ClaspProposer:
         t_lookup = time.perf_counter()
         if self.cfg.lookup_max > 0:
             found: dict[int, tuple[np.ndarray, int]] = {}
+            from_earliest: set[int] = set()  # rows copying their match's earliest occurrence
             acc = self.lookup_acceptance
             for i in active:
                 n_i = int(num_tokens[i])
@@ -305,14 +305,16 @@ class ClaspProposer:
                 latest, earliest = lookup_matches(batch.token_ids_cpu[i, :n_i], self.cfg.lookup_min,
                                                   self.cfg.lookup_max, k, LONG_MATCHES)
                 st = self.seqs[req_ids[i]]
-                from_earliest = earliest is not None and st.occurrence.use_earliest
-                d, ng = earliest if from_earliest else latest
-                st.from_earliest = from_earliest
-                if d.size:
-                    found[i] = (d, ng)
-                    st.proposal = (d.copy(), ng)  # measured by the next step's tokens, drafted or not
                 if earliest is not None:
                     st.rivals = (latest[0].copy(), earliest[0].copy())
+                    if st.occurrence.use_earliest:
+                        from_earliest.add(i)
+                chosen = 1 if i in from_earliest else 0
+                d, ng = (earliest if chosen else latest)
+                if d.size:
+                    found[i] = (d, ng)
+                    # measured by the next step's tokens, drafted or not
+                    st.proposal = (st.rivals[chosen] if earliest is not None else d.copy(), ng)
             free = [i for i in found if i not in pinned]
             if free:
                 # For the batch's end the table's chances unscaled: a sequence's own record, pushed
@@ -340,7 +342,7 @@ class ClaspProposer:
                     drafts[i] = d.tolist()
                     looked_up.add(i)
                     self.seqs[req_ids[i]].lookup_n = ng
-                    self.stats.lookup_earliest += self.seqs[req_ids[i]].from_earliest
+                    self.stats.lookup_earliest += i in from_earliest
             self.stats.lookup_rounds += len(looked_up)
             self.stats.lookup_tokens += sum(len(drafts[i]) for i in looked_up)
         t0 = time.perf_counter()
