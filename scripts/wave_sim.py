@@ -14,7 +14,8 @@ Each step every unfinished sequence has its context match (``lookup_matches``, a
 its ``OccurrenceChoice`` picks, as the proposer looks it up); a policy picks how many of its tokens to verify; the step costs
 ``a + ρ·rows + b·max(0, T - knee) + κ·W + c·[any draft]`` (``governor.StepCost``'s shape) and
 each sequence advances by one plus its accepted tokens. Chances come from a table learnt online
-from every match, drafted or not (``LookupAcceptance.observe``).
+from every match, drafted or not (``LookupAcceptance.observe``), lowered for a sequence whose own
+context drafts fared worse (``SeqAcceptance``, at most ``WAVE_MAX_SCALE``), as the proposer does.
 """
 
 from __future__ import annotations
@@ -27,7 +28,8 @@ import sys
 import numpy as np
 
 from vllm_clasp.governor import critical_rows, last_shares, wave_draft_lengths
-from vllm_clasp.lookup import LONG_MATCHES, LookupAcceptance, OccurrenceChoice, agreement, lookup_matches
+from vllm_clasp.lookup import (LONG_MATCHES, WAVE_MAX_SCALE, LookupAcceptance, OccurrenceChoice, SeqAcceptance, agreement,
+                               lookup_matches)
 
 
 def generate(path: str, per_group: int, max_tokens: int, offset: int) -> None:
@@ -64,6 +66,7 @@ class Row:
             d = _ngram(seq[: self.prompt + t], 4, 5)
             self.ngram.append((d.size, 4, _right(d, output[t:])))
         self.choice = OccurrenceChoice()
+        self.seq = SeqAcceptance()  # its context drafts against the table (chances for the batch's end)
         self.matches = [(0, 0, 0)] * len(output)  # per position reached: (draft, n, tokens the output confirms), as chosen
 
     def match(self, t: int) -> tuple[int, int, int]:
@@ -128,7 +131,8 @@ def _wave(rows, live, pos, left, acc, cost, share_of):
     free = [i for i in live if rows[i].matches[pos[i]][0]]
     if not free:
         return {}
-    chances = [acc.chances(False, rows[i].matches[pos[i]][1], rows[i].matches[pos[i]][0]) for i in free]
+    chances = [acc.chances(False, rows[i].matches[pos[i]][1], rows[i].matches[pos[i]][0], rows[i].seq, WAVE_MAX_SCALE)
+               for i in free]
     blocked = any(crit[i] and not rows[i].matches[pos[i]][0] for i in live)
     lengths = wave_draft_lengths(chances, [crit[i] for i in free], blocked, len(live), CostAt(cost, len(live)),
                                  [(rows[i].prompt + pos[i]) / 1000.0 for i in free], [share_of(i) for i in free])
@@ -155,7 +159,7 @@ POLICIES = {"ngram": policy_ngram, "shares": policy_shares, "long-only": policy_
 def simulate(rows: list[Row], max_tokens: int, policy, acc: LookupAcceptance, cost: Cost) -> float:
     pos = [0] * len(rows)
     for r in rows:
-        r.choice, r.matches = OccurrenceChoice(), [(0, 0, 0)] * len(r.out)
+        r.choice, r.seq, r.matches = OccurrenceChoice(), SeqAcceptance(), [(0, 0, 0)] * len(r.out)
     seconds = 0.0
     while True:
         live = [i for i in range(len(rows)) if pos[i] < len(rows[i].out)]
@@ -177,7 +181,7 @@ def simulate(rows: list[Row], max_tokens: int, policy, acc: LookupAcceptance, co
                 # the proposal against what the step commits, drafted or not: the accepted draft
                 # tokens, then the target's own, which agrees with the match if that went on
                 a = min(ok, drafts.get(i, 0))
-                acc.observe(False, n, np.arange(size), list(range(a)) + [a if ok > a else -1])
+                acc.observe(False, n, np.arange(size), list(range(a)) + [a if ok > a else -1], r.seq)
             pos[i] += 1 + min(ok, drafts.get(i, 0))
             r.observe(t, r.out[t : pos[i]])
 

@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from vllm_clasp.lookup import (LONG_MATCHES, LookupAcceptance, OccurrenceChoice, SeqAcceptance, agreement, lookup_draft,
+from vllm_clasp.lookup import (LONG_MATCHES, WAVE_MAX_SCALE, LookupAcceptance, OccurrenceChoice, SeqAcceptance, agreement, lookup_draft,
                                lookup_match, lookup_matches)
 
 
@@ -155,6 +155,23 @@ def test_a_sequence_that_accepts_less_than_the_table_expects_gets_shorter_drafts
     assert free.scale() < 0.5 and copying.scale() > 1.1
     price = 0.5
     assert _keep(acc, False, 2, 4, price, free) < _keep(acc, False, 2, 4, price) <= _keep(acc, False, 2, 4, price, copying)
+
+
+def test_for_the_batchs_end_a_sequences_record_only_lowers_the_tables_chances():
+    """With no request waiting, the sequences drafted for the batch's end are the ones behind,
+    often behind because their context drafts fail: their own record lowers the table's chances;
+    a lucky record never raises them (session 18)."""
+    acc = LookupAcceptance()
+    for _ in range(200):
+        _verify(acc, False, 2, 4, 2)  # shared record: two tokens accepted, the third not
+    free, copying = SeqAcceptance(), SeqAcceptance()
+    for _ in range(20):
+        _verify(acc, False, 2, 4, 0, free)
+        _verify(acc, False, 2, 4, 4, copying)
+    table = acc.chances(False, 2, 4)
+    assert (acc.chances(False, 2, 4, free, WAVE_MAX_SCALE) < 0.5 * table).all()
+    assert np.allclose(acc.chances(False, 2, 4, copying, WAVE_MAX_SCALE), table)
+    assert (acc.chances(False, 2, 4, copying)[1:] > table[1:]).all()  # uncapped: raised (a waiting queue)
 
 
 def test_committed_tokens_measure_the_whole_proposal_drafted_or_not():

@@ -127,6 +127,11 @@ class OccurrenceChoice:
         self.earliest = self.earliest * self.decay + agreement(earliest, committed)
 
 
+WAVE_MAX_SCALE = 1.0
+"""Cap on a sequence's calibration factor (``SeqAcceptance.scale``) for the batch's end, with no
+request waiting: there its own record only lowers the table's chances (proposer, session 21)."""
+
+
 @dataclass
 class LookupAcceptance:
     """How often context-draft token j is accepted, given the ones before it were, by match length n.
@@ -152,11 +157,13 @@ class LookupAcceptance:
         key = (sampled, n, j)
         return (self.accepts.get(key, 0.0) + self.prior_accepts) / (self.trials.get(key, 0.0) + self.prior_trials)
 
-    def chances(self, sampled: bool, n: int, length: int, seq: "SeqAcceptance | None" = None) -> np.ndarray:
+    def chances(self, sampled: bool, n: int, length: int, seq: "SeqAcceptance | None" = None,
+                cap: float | None = None) -> np.ndarray:
         """For a ``length``-token draft from an n-gram match: the chance that tokens 0..j are all
         accepted, for each j. ``seq`` scales the table's chances by how this sequence's context
-        drafts have fared against them (free text vs copying)."""
-        scale = min(seq.scale(), self.max_scale) if seq is not None else 1.0
+        drafts have fared against them (free text vs copying), at most by ``cap`` (default
+        ``max_scale``)."""
+        scale = min(seq.scale(), self.max_scale if cap is None else cap) if seq is not None else 1.0
         rates = self._rates.get((sampled, n))
         if rates is None or rates.size < length:
             rates = np.asarray([self.rate(sampled, n, j) for j in range(max(length, 8))], dtype=np.float64)
