@@ -1,8 +1,8 @@
 import numpy as np
 import pytest
 
-from vllm_clasp.lookup import (LONG_MATCHES, WAVE_MAX_SCALE, LookupAcceptance, OccurrenceChoice, SeqAcceptance, agreement, lookup_draft,
-                               lookup_match, lookup_matches)
+from vllm_clasp.lookup import (LONG_MATCHES, WAVE_MAX_SCALE, LookupAcceptance, OccurrenceChoice, SeqAcceptance, agreement,
+                               lookup_draft, lookup_match, lookup_matches)
 
 
 def t(*xs):
