@@ -27,7 +27,7 @@ import sys
 
 import numpy as np
 
-from vllm_clasp.governor import critical_rows, last_shares, wave_draft_lengths
+from vllm_clasp.governor import critical_rows, joint_shares, last_shares, wave_draft_lengths
 from vllm_clasp.lookup import (LONG_MATCHES, WAVE_MAX_SCALE, LookupAcceptance, OccurrenceChoice, SeqAcceptance, agreement,
                                lookup_matches)
 
@@ -139,8 +139,22 @@ def _wave(rows, live, pos, left, acc, cost, share_of):
     return dict(zip(free, lengths))
 
 
+def _first_chance(row, t, acc):
+    size, n, _ = row.matches[t]
+    return float(acc.chances(False, n, size, row.seq, WAVE_MAX_SCALE)[0]) if size else 0.0
+
+
 def policy_shares(rows, live, pos, left, acc, cost):
-    """Every sequence's tokens priced at its chance of ending the wave last (``last_shares``)."""
+    """Every sequence's tokens priced at its chance of ending the wave last times the chance that
+    the others level with it move on too (``joint_shares``), as the proposer does."""
+    first = [_first_chance(rows[i], pos[i], acc) for i in live]
+    share = dict(zip(live, joint_shares(last_shares([left[i] for i in live]), first)))
+    return _wave(rows, live, pos, left, acc, cost, lambda i: float(share[i]))
+
+
+def policy_linear(rows, live, pos, left, acc, cost):
+    """Session 19-20's rule: every sequence's tokens priced at its chance of ending the wave last
+    (``last_shares``) alone."""
     share = dict(zip(live, last_shares([left[i] for i in live])))
     return _wave(rows, live, pos, left, acc, cost, lambda i: float(share[i]))
 
@@ -153,7 +167,7 @@ def policy_long(rows, live, pos, left, acc, cost):
                  lambda i: 1.0 / m if rows[i].matches[pos[i]][1] >= LONG_MATCHES[0] else 0.0)
 
 
-POLICIES = {"ngram": policy_ngram, "shares": policy_shares, "long-only": policy_long}
+POLICIES = {"ngram": policy_ngram, "shares": policy_shares, "linear": policy_linear, "long-only": policy_long}
 
 
 def simulate(rows: list[Row], max_tokens: int, policy, acc: LookupAcceptance, cost: Cost) -> float:

@@ -254,6 +254,24 @@ def test_the_last_sequence_to_end_is_likeliest_the_one_with_most_tokens_left():
     assert 0.1 < s[0] < s[1] and np.isclose(s.sum(), 1.0)
 
 
+def test_a_token_counts_for_the_batch_end_as_far_as_the_sequences_level_with_it_move_too():
+    from vllm_clasp.governor import joint_shares, last_shares
+
+    level = last_shares([40] * 4)
+    # all copy alike, surely: the linear shares stand
+    assert np.allclose(joint_shares(level, [1.0] * 4), level)
+    # one copies, the others have nothing to draft: its token does not move the end
+    s = joint_shares(level, [0.9, 0.0, 0.0, 0.0])
+    assert s[0] == 0.0 and np.allclose(s[1:], level[1:] * 0.9 / 3)
+    # the others' chances count by their shares: one far ahead (no share) does not help
+    ahead = last_shares([30, 40, 40])
+    s = joint_shares(ahead, [0.9, 0.8, 0.1])
+    assert np.isclose(s[1], ahead[1] * (ahead[0] * 0.9 + ahead[2] * 0.1) / (ahead[0] + ahead[2]))
+    assert s[1] < 0.2 * ahead[1]
+    # a single sequence is the batch's end by itself
+    assert np.allclose(joint_shares([1.0], [0.3]), [1.0])
+
+
 def test_wave_drafts_move_the_slowest_sequences_together_or_not_at_all():
     from vllm_clasp.governor import wave_draft_lengths
 

@@ -28,7 +28,7 @@ from vllm.logger import init_logger
 
 from vllm_clasp.config import PARAMS_ATTR, ClaspConfig
 from vllm_clasp.patches import WAITING_ATTR
-from vllm_clasp.governor import LOOKUP, PLAIN, SKIP, Governor, critical_rows, last_shares
+from vllm_clasp.governor import LOOKUP, PLAIN, SKIP, Governor, critical_rows, joint_shares, last_shares
 from vllm_clasp.lookup import (LONG_MATCHES, WAVE_MAX_SCALE, LookupAcceptance, OccurrenceChoice, SeqAcceptance,
                                lookup_matches)
 from vllm_clasp.drafting import DraftHead, KVGroup, LayerStack, ScratchLayerRunner, draft_step, kv_group_from_runner, layer_stack
@@ -336,7 +336,12 @@ class ClaspProposer:
                     lengths = self.governor.draft_lengths(chances, base, len(active), contexts=contexts)
                 else:
                     blocked = any(crit[i] and i not in found for i in active)
-                    share = dict(zip(active, last_shares([left[i] for i in active])))
+                    first = {i: float(c[0]) for i, c in zip(free, chances)}
+                    for i in found:
+                        if i in pinned:  # drafted in full: the table's chance all the same
+                            first[i] = float(acc.chances(sampling.is_random(i), found[i][1], 1)[0])
+                    share = dict(zip(active, joint_shares(last_shares([left[i] for i in active]),
+                                                          [first.get(i, 0.0) for i in active])))
                     lengths = self.governor.draft_lengths(chances, base, len(active), [crit[i] for i in free], blocked,
                                                           contexts=contexts, shares=[float(share[i]) for i in free])
                 for i, c, m in zip(free, chances, lengths):
