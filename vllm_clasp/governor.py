@@ -23,7 +23,8 @@ so at ~760-token contexts a draft token costs ~4.5 ms even below the knee, and a
 draft token costs ~0.66 tokens of output. Context drafts are then chosen for the whole step at
 once (``best_draft_lengths``): the surest tokens first, as long as the step's tokens per second
 rise. With no request waiting, the batch ends with its last sequence: a sequence's accepted
-token is worth its chance of being that one times a step (``last_shares``, ``wave_draft_lengths``).
+token is worth its chance of being that one times a step, times the chance that the sequences
+level with it move on too (``last_shares``, ``joint_shares``, ``wave_draft_lengths``).
 On a GPU the knee lies far out and drafting stays wide.
 """
 
