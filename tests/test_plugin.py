@@ -185,3 +185,25 @@ def test_rows_to_plan_skips_sequences_about_to_end_and_keeps_seeded_ones():
     # seeded rows are planned when due whatever is left, and beyond the per-step cap
     assert rows_to_plan(due, skip, {3, 4}, left, since, True, 1) == [4, 3]
     assert rows_to_plan(due, {1, 3}, set(), {}, since, True, 1) == [3]  # only layer-skip rows; no known end
+
+
+def test_a_seeded_rows_re_plan_waits_for_a_step_that_foresaw_it():
+    import numpy as np
+
+    from vllm_clasp.proposer import _SeqState, observe_plan_round, plan_due
+
+    def drifting() -> _SeqState:
+        st = _SeqState(keep=np.ones(30, dtype=bool))
+        for _ in range(st.fit.base_rounds):
+            st.fit.add(4, 4)  # the plan's level: everything accepted
+        for _ in range(2):
+            st.fit.add(4, 0)
+        assert not st.fit.drifted()
+        return st
+
+    # One more failed round shows drift: an unseeded row re-plans at once ...
+    assert observe_plan_round(drifting(), 99, False, 4, 0) == 1
+    # ... a seeded one only from the next step, which needs_hidden_states sees coming.
+    st = drifting()
+    assert observe_plan_round(st, 99, True, 4, 0) is None
+    assert plan_due(st, 99) == 1 and observe_plan_round(st, 99, True, 0, 0) == 1

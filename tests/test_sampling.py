@@ -74,6 +74,15 @@ def test_draft_distribution_follows_temperature_top_k_top_p():
     assert a.tolist() == b.tolist()
 
 
+def test_a_sampled_rows_draft_vocabulary_leaves_out_other_rows_context_tokens():
+    from vllm_clasp.drafting import foreign_context_columns
+
+    # Draft head: 8 static columns, then the union of the drafting rows' context tokens >= 8.
+    union = np.array([10, 12, 15, 20])
+    assert foreign_context_columns(union, np.array([3, 12, 20, 12]), 8).tolist() == [8, 10]
+    assert foreign_context_columns(union, union, 8).tolist() == []
+
+
 def _exact(model: str) -> dict[str, float]:
     from transformers import AutoModelForCausalLM
 
@@ -170,7 +179,8 @@ def test_default_model_default_options_match_plain_token_statistics(default_mode
 @pytest.mark.slow
 def test_mixed_greedy_and_seeded_requests(default_model):
     """Greedy and seeded sampled requests in one batch: greedy ones equal plain vLLM's, sampled
-    ones repeat exactly when the run is repeated."""
+    ones repeat exactly when the run is repeated, and when run without the greedy ones: nothing a
+    seeded request drafts may hang on its neighbours (CI, session 22: one did not reproduce)."""
     from vllm import LLM, SamplingParams
 
     from vllm_clasp.compare import chat_token_ids, engine_kwargs, load_spec_bench, shutdown
@@ -191,9 +201,13 @@ def test_mixed_greedy_and_seeded_requests(default_model):
     llm = LLM(speculative_config={"method": "clasp"}, **kw)
     try:
         runs = [[list(o.outputs[0].token_ids) for o in llm.generate(prompts, params, use_tqdm=False)] for _ in range(2)]
+        # The seeded ones by themselves: other requests no longer draft beside them.
+        odd = list(range(1, len(prompts), 2))
+        alone = [list(o.outputs[0].token_ids)
+                 for o in llm.generate([prompts[i] for i in odd], [params[i] for i in odd], use_tqdm=False)]
     finally:
         shutdown(llm)
     for i in range(0, len(prompts), 2):
         assert runs[0][i] == plain[i] == runs[1][i], f"greedy request {i} differs from plain vLLM"
-    for i in range(1, len(prompts), 2):
-        assert runs[0][i] == runs[1][i], f"seeded request {i} did not reproduce"
+    for a, i in enumerate(odd):
+        assert runs[0][i] == runs[1][i] == alone[a], f"seeded request {i} did not reproduce"
